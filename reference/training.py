@@ -1,0 +1,240 @@
+"""Legacy training semantics (`train.py`, `utilities.py`, `datasets.py`) as a small library.
+
+This is the "legacy side" the parity suite drives: `set_loss`, the Adam + OneCycleLR factory
+(stepped once per epoch), the key-padding-mask builder, one training epoch and one evaluation
+pass (single process), the legacy AUC, the score/tag file writers, the 1000-row percentile
+table, and a reader for the legacy numpy layout (legacy-tsa.md sections 12-13).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from .losses import ASLSingleLabel, Cyclical_FocalLoss, FocalLoss
+
+SPLITS = ("train", "vali", "cali")
+N_PERCENTILES = 1000
+
+# --------------------------------------------------------------------------- losses, optimiser
+
+
+def set_loss(loss, gamma=2.0, alpha=0.25, reduction="mean", max_epoch=70):
+    """Legacy `set_loss`: the loss object for a `--loss` name."""
+    if loss == "CrossEntropyLoss":
+        return nn.CrossEntropyLoss(reduction="sum")  # legacy: "sum", not torch's default "mean"
+    if loss == "FocalLoss":
+        return FocalLoss(gamma=gamma, alpha=alpha, reduction=reduction)
+    if loss == "Cyclical_FocalLoss":
+        return Cyclical_FocalLoss(gamma_pos=0, gamma_neg=4, gamma_hc=0, reduction="sum", epochs=max_epoch)
+    if loss == "ASLSingleLabel":
+        return ASLSingleLabel(gamma_pos=0, gamma_neg=4)
+    if loss == "BCEWithLogitsLoss":
+        return nn.BCEWithLogitsLoss(reduction="sum")  # legacy bug: cannot take 2-class logits with integer targets
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def make_optimizer(model, lr=1e-5, scheduler_maxlr=1e-3, max_epoch=70, betas=(0.9, 0.999), weight_decay=0.0):
+    """Legacy optimiser: Adam + OneCycleLR(max_lr, total_steps=max_epoch), the scheduler stepped once per epoch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=scheduler_maxlr, total_steps=max_epoch)
+    return optimizer, scheduler
+
+
+def compute_loss(loss_fn, scores, y, epoch=None):
+    if isinstance(loss_fn, Cyclical_FocalLoss):
+        return loss_fn(scores, y, epoch)
+    return loss_fn(scores, y)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def key_padding_mask(not_padded: torch.Tensor) -> torch.Tensor:
+    """(B, L) float not_padded -> (B, L+1) bool, True = ignore; the appended dummy slot is never masked."""
+    return torch.logical_not(F.pad(not_padded, (0, 1), value=True))
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], kind: str):
+    """Legacy dataset batch dict -> (args, kwargs) for the legacy model's forward."""
+    if kind == "single":
+        args = (batch["x_seq_cat"], batch["x_seq_num"], batch.get("x_engineered_num"), batch["time_to_last"])
+        return args, {"key_padding_mask": key_padding_mask(batch["not_padded"])}
+    if kind == "dual":
+        args = (
+            batch["x_seq_cat_cid"],
+            batch["x_seq_num_cid"],
+            batch["time_to_last_cid"],
+            batch["x_seq_cat_ccid"],
+            batch["x_seq_num_ccid"],
+            batch["time_to_last_ccid"],
+            batch.get("x_engineered_num"),
+        )
+        kwargs = {
+            "key_padding_mask_cid": key_padding_mask(batch["not_padded_cid"]),
+            "key_padding_mask_ccid": key_padding_mask(batch["not_padded_ccid"]),
+        }
+        return args, kwargs
+    raise ValueError(f"kind must be 'single' or 'dual', got {kind!r}")
+
+
+# --------------------------------------------------------------------------- loops
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    epoch: int,
+    kind: str = "single",
+    scaler=None,
+    before_step: Callable[[int], None] | None = None,
+    step_offset: int = 0,
+) -> list[float]:
+    """One legacy epoch: per batch zero_grad, forward, loss, backward, step; no clipping. Returns the losses.
+
+    `before_step(global_step)` runs right before each forward pass (the parity suite reseeds there).
+    """
+    model.train()
+    losses = []
+    for i, batch in enumerate(batches):
+        if before_step is not None:
+            before_step(step_offset + i)
+        optimizer.zero_grad()
+        args, kwargs = model_inputs(batch, kind)
+        if scaler is not None:
+            with torch.autocast(device_type=batch["y"].device.type):
+                scores, _ = model(*args, **kwargs)
+                loss = compute_loss(loss_fn, scores, batch["y"], epoch)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            scores, _ = model(*args, **kwargs)
+            loss = compute_loss(loss_fn, scores, batch["y"], epoch)
+            loss.backward()
+            optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], kind: str = "single", loss_fn=None):
+    """One legacy evaluation pass: (softmax[:, -1] scores, labels, summed loss or None)."""
+    model.eval()
+    scores_all, labels_all, total = [], [], 0.0
+    for batch in batches:
+        args, kwargs = model_inputs(batch, kind)
+        scores, _ = model(*args, **kwargs)
+        if loss_fn is not None:
+            total += compute_loss(loss_fn, scores, batch["y"]).item()  # legacy: Cyclical_FocalLoss crashes here (no epoch)
+        scores_all.append(torch.softmax(scores, dim=1)[:, -1].float().cpu())
+        if "y" in batch:
+            labels_all.append(batch["y"].cpu())
+    probs = torch.cat(scores_all).numpy()
+    labels = torch.cat(labels_all).numpy() if labels_all else None
+    return probs, labels, (total if loss_fn is not None else None)
+
+
+def legacy_auc(labels, scores) -> float:
+    """Legacy validation metric: roc_auc_score(label, softmax(scores)[:, -1])."""
+    return float(roc_auc_score(np.asarray(labels).reshape(-1), np.asarray(scores).reshape(-1)))
+
+
+# --------------------------------------------------------------------------- score files
+
+
+def write_score_file(path, scores) -> None:
+    """One softmax[:, -1] value per line, no header."""
+    arr = np.asarray(scores, dtype=np.float32).reshape(-1)
+    Path(path).write_text("".join(str(v) + "\n" for v in arr))  # str(np.float32): shortest float32 repr
+
+
+def write_tag_file(path, labels) -> None:
+    """One integer label per line, no header."""
+    arr = np.asarray(labels).reshape(-1)
+    Path(path).write_text("".join(f"{int(v)}\n" for v in arr))
+
+
+def percentile_table(cali_scores) -> list:
+    """`[np.percentile(cali_scores, 100*k/1000), k/1000]` for k = 0..999 (the legacy table has no 100th percentile)."""
+    arr = np.asarray(cali_scores, dtype=np.float32).reshape(-1)
+    return [[np.percentile(arr, 100 * k / N_PERCENTILES), k / N_PERCENTILES] for k in range(N_PERCENTILES)]
+
+
+def write_percentile_table(path, cali_scores) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(percentile_table(cali_scores), f)
+
+
+def write_score_files(out_dir, vali_scores, vali_labels, cali_scores, cali_labels) -> None:
+    """The legacy post-training outputs: score/tag files for vali and cali, and percentile_score.pkl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_score_file(out / "score_file.csv", vali_scores)
+    write_tag_file(out / "tag_file.csv", vali_labels)
+    write_score_file(out / "cali_score_file.csv", cali_scores)
+    write_tag_file(out / "cali_tag_file.csv", cali_labels)
+    write_percentile_table(out / "percentile_score.pkl", cali_scores)
+
+
+# --------------------------------------------------------------------------- numpy layout
+
+
+def split_files(data_dir, split: str, version: str = "v0", kind: str = "single") -> dict[str, Path]:
+    d = Path(data_dir)
+    files = {"x_num": d / f"{split}_X_num_{version}.npy", "y": d / f"{split}_Y_{version}.npy"}
+    if kind == "single":
+        files["seq_cat"] = d / f"{split}_X_seq_cat_{version}.npy"
+        files["seq_num"] = d / f"{split}_X_seq_num_{version}.npy"
+    elif kind == "dual":
+        for seq in ("cid", "ccid"):
+            files[f"seq_cat_{seq}"] = d / f"{split}_{seq}_X_seq_cat_{version}.npy"
+            files[f"seq_num_{seq}"] = d / f"{split}_{seq}_X_seq_num_{version}.npy"
+    else:
+        raise ValueError(f"kind must be 'single' or 'dual', got {kind!r}")
+    return files
+
+
+def load_split(data_dir, split: str, version: str = "v0", kind: str = "single", mmap: bool = True) -> dict[str, np.ndarray]:
+    """Read one split of the legacy numpy layout into the legacy dataset's arrays (keys as in the batch dict)."""
+    files = split_files(data_dir, split, version, kind)
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing file of the legacy numpy layout (split {split!r})")
+    load = (lambda p: np.load(p, mmap_mode="r")) if mmap else np.load
+    out = {"x_engineered_num": load(files["x_num"]), "y": np.asarray(load(files["y"])).reshape(-1)}
+    suffixes = [""] if kind == "single" else ["_cid", "_ccid"]
+    for sfx in suffixes:
+        seq_num = load(files[f"seq_num{sfx}"])
+        out[f"x_seq_cat{sfx}"] = load(files[f"seq_cat{sfx}"])
+        out[f"x_seq_num{sfx}"] = seq_num[:, :, :-2]  # legacy: last two columns are time_to_last, not_padded
+        out[f"time_to_last{sfx}"] = seq_num[:, :, -2:-1]
+        out[f"not_padded{sfx}"] = seq_num[:, :, -1]
+    return out
+
+
+class LegacyDataset(torch.utils.data.Dataset):
+    """Legacy `datasets.py`: one row of a split as a dict of float32 tensors (labels int64)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = dict(arrays)
+        self.n = len(self.arrays["y"])
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        item = {}
+        for k, a in self.arrays.items():
+            v = torch.from_numpy(np.array(a[i]))
+            item[k] = v.long() if k == "y" else v.float()
+        return item
