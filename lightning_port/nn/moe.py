@@ -1,0 +1,143 @@
+"""Top-2 mixture of experts with expert capacity (Shazeer et al. / tensor2tensor), as the legacy
+model computes it, with index-based dispatch.
+
+The input is a layer's ``(T, B, d)`` tensor; as in the legacy model the *group* over which expert
+capacity is counted is the batch axis (one group per token position ``t``). The legacy code builds
+a one-hot dispatch tensor ``(T, B, e, capacity)`` and contracts it with the input (memory and time
+grow with B²); here every kept (token, expert) pair gets a slot index ``(expert, t, position)`` and
+the expert inputs are gathered by index, so cost is linear in the batch. Expert buffers keep the
+legacy layout ``(e, T·capacity, d)``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MOE_EVAL_POLICIES
+
+SECOND_THRESHOLD = 0.2  # legacy second_threshold (train and eval)
+CAPACITY_FACTOR_TRAIN = 1.25
+CAPACITY_FACTOR_EVAL = 2.0
+MIN_EXPERT_CAPACITY = 4
+GATE_EPS = 1e-9
+
+
+def expert_capacity(group_size, capacity_factor: float, num_experts: int):
+    """``max(min(n, int(n·cf/e)), 4)``, in integer arithmetic so it works for Python ints, symbolic
+    sizes and integer tensors alike (``int(n·cf/e)`` equals ``n·p // (q·e)`` for cf = p/q)."""
+    frac = Fraction(capacity_factor).limit_denominator(1000)
+    raw = group_size * frac.numerator // (frac.denominator * num_experts)
+    if isinstance(group_size, Tensor):
+        return torch.clamp(torch.minimum(group_size, raw), min=MIN_EXPERT_CAPACITY)
+    return max(min(group_size, raw), MIN_EXPERT_CAPACITY)
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-2 gated experts ``relu(x @ w1[k]) @ w2[k]`` (no biases); see the module docstring.
+
+    Parameters: ``w_gate`` (d, e) [legacy ``gate.w_gating``], ``w1`` (e, d, F), ``w2`` (e, F, d)
+    [legacy ``experts.w1/w2``]. Training always uses the legacy "random" second-expert policy and
+    capacity factor 1.25; eval uses ``eval_policy`` and capacity factor 2.0 (no capacity limit
+    when ``batch_invariant``).
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, eval_policy: str = "random",
+                 batch_invariant: bool = False):
+        super().__init__()
+        if eval_policy not in MOE_EVAL_POLICIES:
+            raise ValueError(f"eval_policy must be one of {MOE_EVAL_POLICIES}, got {eval_policy!r}.")
+        self.num_experts = num_experts
+        self.eval_policy = eval_policy
+        self.batch_invariant = batch_invariant
+        # legacy creation order: gate (randn), then w1, then w2, each uniform(±1/sqrt(last dim))
+        self.w_gate = nn.Parameter(torch.randn(dim, num_experts))
+        self.w1 = nn.Parameter(_uniform_last_dim(torch.zeros(num_experts, dim, hidden)))
+        self.w2 = nn.Parameter(_uniform_last_dim(torch.zeros(num_experts, hidden, dim)))
+
+    def forward(self, x: Tensor, row_mask: Tensor | None = None) -> Tensor:
+        """``x`` (T, B, d) -> (T, B, d). ``row_mask`` (B,) bool, optional: only those rows form
+        the MoE group (capacity and positions counted over them); other rows get zeros."""
+        T, B, d = x.shape
+        e = self.num_experts
+        policy = "random" if self.training else self.eval_policy
+        cf = CAPACITY_FACTOR_TRAIN if self.training else CAPACITY_FACTOR_EVAL
+
+        probs = torch.softmax(x @ self.w_gate, dim=-1)  # (T, B, e)
+        if e > 1:
+            top_g, top_i = probs.topk(2, dim=-1)
+            g1, g2, i1, i2 = top_g[..., 0], top_g[..., 1], top_i[..., 0], top_i[..., 1]  # (T, B)
+        else:  # legacy: the "second" gate is 0, so the second expert is never kept
+            g1, i1 = probs[..., 0], torch.zeros(T, B, dtype=torch.long, device=x.device)
+            g2, i2 = torch.zeros_like(g1), i1
+        denom = g1 + g2 + GATE_EPS
+        g1, g2 = g1 / denom, g2 / denom
+
+        # second-expert policy -> keep2 (T, B) bool, and the weight the second expert gets
+        if policy == "random":
+            coin = torch.zeros_like(g2).uniform_(0.0, 1.0)  # legacy: one (T, B) draw per call
+            keep2 = coin < g2 / SECOND_THRESHOLD
+        elif policy == "threshold":
+            keep2 = g2 > SECOND_THRESHOLD
+        elif policy == "expected":
+            keep2 = g2 > 0
+            g2 = g2 * torch.clamp(g2 / SECOND_THRESHOLD, max=1.0)  # E[legacy coin] · g2
+        elif policy == "all":
+            keep2 = torch.ones_like(g2, dtype=torch.bool)
+        else:  # "none"
+            keep2 = torch.zeros_like(g2, dtype=torch.bool)
+        if e == 1:
+            keep2 = torch.zeros_like(keep2)
+
+        # capacity and the buffer size of each expert
+        if self.batch_invariant and not self.training:
+            capacity, slots = None, B  # no limit: a position is always < B
+        elif row_mask is not None:
+            slots = expert_capacity(B, cf, e)  # upper bound, static
+            capacity = expert_capacity(row_mask.sum().to(torch.long), cf, e)  # over kept rows
+        else:
+            capacity = slots = expert_capacity(B, cf, e)
+        slots = min(slots, B) if capacity is None else slots
+
+        keep1 = torch.ones_like(keep2)
+        if row_mask is not None:
+            keep1 = keep1 & row_mask[None, :]
+            keep2 = keep2 & row_mask[None, :]
+        # positions in group order (exclusive cumsum over the batch): first choices first, then
+        # second choices after the kept first-choice count of their expert
+        m1 = F.one_hot(i1, e) * keep1[..., None]  # (T, B, e)
+        pos1 = ((m1.cumsum(1) - m1) * m1).sum(-1)  # (T, B)
+        if capacity is not None:
+            keep1 = keep1 & (pos1 < capacity)
+        count1 = (m1 * keep1[..., None]).sum(1, keepdim=True)  # (T, 1, e)
+        m2 = F.one_hot(i2, e) * keep2[..., None]
+        pos2 = ((m2.cumsum(1) - m2 + count1) * m2).sum(-1)
+        if capacity is not None:
+            keep2 = keep2 & (pos2 < capacity)
+        g1 = g1 * keep1
+        g2 = g2 * keep2
+
+        # slot of each kept (token, expert) pair in the (e, T, slots) buffers; dropped -> trash
+        t_idx = torch.arange(T, device=x.device)[:, None]
+        trash = e * T * slots
+        s1 = torch.where(keep1, (i1 * T + t_idx) * slots + pos1.clamp(max=slots - 1), trash)
+        s2 = torch.where(keep2, (i2 * T + t_idx) * slots + pos2.clamp(max=slots - 1), trash)
+        tokens = torch.arange(T * B, device=x.device).view(T, B)
+        source = torch.full((trash + 1,), T * B, dtype=torch.long, device=x.device)
+        source = source.scatter(0, s1.reshape(-1), tokens.reshape(-1))
+        source = source.scatter(0, s2.reshape(-1), tokens.reshape(-1))
+        x_flat = torch.cat([x.reshape(T * B, d), x.new_zeros(1, d)])  # row T·B is a zero token
+        expert_in = x_flat[source[:trash]].view(e, T * slots, d)
+        hidden = torch.relu(torch.bmm(expert_in, self.w1))  # (e, T·slots, F)
+        expert_out = torch.bmm(hidden, self.w2).reshape(trash, d)
+        expert_out = torch.cat([expert_out, expert_out.new_zeros(1, d)])  # trash slot -> 0
+        return g1[..., None] * expert_out[s1] + g2[..., None] * expert_out[s2]  # (T, B, d)
+
+
+def _uniform_last_dim(t: Tensor) -> Tensor:
+    bound = 1 / math.sqrt(t.shape[-1])
+    return t.uniform_(-bound, bound)

@@ -1,0 +1,133 @@
+"""The two encoders of the TSA model: the order (transaction-history) stack and the feature
+(current-transaction) stack. Both read a shared embedding table passed in by the network, so
+the table is registered once (the legacy model registered it in every stack)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import AttentionLayerPostNorm, AttentionLayerPreNorm
+from .blocks import FeatureAggregation, FeedForward
+from .moe import MixtureOfExperts
+
+
+def numerical_rows(table: Tensor, n_num: int) -> Tensor:
+    """Rows of the shared table used by the numerical features: feature j uses row
+    ``n_embedding - n_num + 1 + j`` (the table has n_embedding + 2 rows). Returns (n_num, D)."""
+    n_embedding = table.shape[0] - 2
+    return table[n_embedding - n_num + 1: n_embedding + 1]
+
+
+def make_feedforward(width: int, hidden: int, dropout: float, use_moe: bool, num_experts: int,
+                     eval_policy: str, batch_invariant: bool) -> nn.Module:
+    if use_moe:
+        return MixtureOfExperts(width, hidden, num_experts, eval_policy, batch_invariant)
+    return FeedForward(width, hidden, dropout)
+
+
+class OrderAttentionModule(nn.Module):
+    """Encodes a transaction history (legacy ``OrderAttentionLayer``).
+
+    Per position: categorical codes and numerical values are embedded in the shared table and each
+    group is reduced over its features by a :class:`FeatureAggregation` -> (B, L, D) twice ->
+    (B, L, E=2D). A learned dummy token is appended last; the post-norm attention layers (temporal
+    when ``use_time``) run over the L+1 tokens; the dummy token's output (B, E) is returned.
+    """
+
+    def __init__(self, n_cat: int, n_num: int, dim: int, hidden: int, num_heads: int, dropout: float,
+                 n_layers: int, use_moe: bool, num_experts: int, use_time: bool, emb_tbl_use_bias: bool,
+                 eval_policy: str = "random", batch_invariant: bool = False):
+        super().__init__()
+        width = 2 * dim
+        self.n_cat, self.n_num, self.use_time = n_cat, n_num, use_time
+        # creation order = legacy order (seeded construction draws the same numbers)
+        self.dummy_token = nn.Parameter(torch.rand(1, width))
+        self.input_norm = nn.LayerNorm(width)
+        self.layers = nn.ModuleList(
+            AttentionLayerPostNorm(width, num_heads, dropout,
+                                   lambda: make_feedforward(width, hidden, dropout, use_moe, num_experts,
+                                                            eval_policy, batch_invariant), use_time)
+            for _ in range(n_layers))
+        self.dropout = nn.Dropout(dropout)
+        self.token_norm = nn.LayerNorm(width)
+        if emb_tbl_use_bias:
+            torch.randn(n_cat + n_num, dim)  # legacy `emb_tbl_bias`: drawn, never used -> discarded
+        self.aggregate_cat = FeatureAggregation(n_cat)
+        self.aggregate_num = FeatureAggregation(n_num)
+
+    def forward(self, table: Tensor, x_cat: Tensor, x_num: Tensor, time_seq: Tensor | None = None,
+                attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+                row_mask: Tensor | None = None, return_seq: bool = False) -> Tensor:
+        """``table`` (n_emb+2, D) weight; ``x_cat`` (B, L, n_cat) float codes; ``x_num`` (B, L, n_num);
+        ``time_seq`` (B, L, 1); ``key_padding_mask`` (B, L+1), True = ignore; ``row_mask`` (B,)
+        bool: rows forming the MoE group (all rows when None)."""
+        B, L, _ = x_cat.shape
+        cat = F.embedding(x_cat.long(), table, padding_idx=0)  # (B, L, n_cat, D)
+        cat = self.aggregate_cat.project_embeddings(None, cat)  # (B, L, D)
+        num = self.aggregate_num.project_embeddings(None, numerical_rows(table, self.n_num), x_num)
+        x = torch.cat([cat, num], dim=-1).transpose(0, 1)  # (L, B, E)
+        x = self.input_norm(x)
+        x = torch.cat([x, self.dummy_token.expand(1, B, -1)], dim=0)  # (L+1, B, E), dummy last
+        x = self.token_norm(x)
+        time = None
+        if self.use_time:
+            time = F.pad(time_seq.reshape(B, L, 1), (0, 0, 0, 1)).transpose(0, 1)  # (L+1, B, 1)
+        for layer in self.layers:
+            x = layer(x, time, attn_mask, key_padding_mask, row_mask)
+        if return_seq:
+            return x.transpose(0, 1)  # (B, L+1, E)
+        return x[-1]  # (B, E)
+
+
+class FeatureAttentionModule(nn.Module):
+    """Encodes the current transaction (legacy ``FeatureAttentionLayer``).
+
+    The last position's categorical and numerical features become one token each (plus the
+    per-feature bias), engineered feature j becomes row j+1 of the engineered table times its value
+    (plus its bias), and row 0 of that table is appended as the summary token. Pre-norm attention
+    layers run over these tokens without masks; the summary token's output (B, D) is returned.
+    """
+
+    def __init__(self, n_cat: int, n_num: int, n_eng: int, dim: int, hidden: int, num_heads: int,
+                 dropout: float, n_layers: int, use_moe: bool, num_experts: int, emb_tbl_use_bias: bool,
+                 eval_policy: str = "random", batch_invariant: bool = False):
+        super().__init__()
+        self.n_cat, self.n_num, self.n_eng = n_cat, n_num, n_eng
+        self.layers = nn.ModuleList(
+            AttentionLayerPreNorm(dim, num_heads, dropout,
+                                  lambda: make_feedforward(dim, hidden, dropout, use_moe, num_experts,
+                                                           eval_policy, batch_invariant))
+            for _ in range(n_layers))
+        self.dropout = nn.Dropout(dropout)
+        # legacy `emb_tbl_bias` (used here, unlike in the order stack)
+        self.feature_bias = nn.Parameter(torch.randn(n_cat + n_num, dim)) if emb_tbl_use_bias else None
+        self.token_norm = nn.LayerNorm(dim)
+        self.engineered_bias = (nn.Parameter(torch.randn(n_eng, dim))
+                                if n_eng > 0 and emb_tbl_use_bias else None)
+
+    def forward(self, table: Tensor, table_engineered: Tensor, x_cat: Tensor, x_num: Tensor,
+                x_engineered: Tensor | None = None) -> Tensor:
+        """``x_cat`` (B, L, n_cat), ``x_num`` (B, L, n_num): only position L is read;
+        ``x_engineered`` (B, n_eng). Returns (B, D)."""
+        B = x_cat.shape[0]
+        cat = F.embedding(x_cat[:, -1].long(), table, padding_idx=0)  # (B, n_cat, D)
+        num = numerical_rows(table, self.n_num) * x_num[:, -1, :, None]  # (B, n_num, D)
+        tokens = torch.cat([cat, num], dim=1)  # (B, n_cat + n_num, D)
+        if self.feature_bias is not None:
+            tokens = tokens + self.feature_bias
+        parts = [tokens]
+        if self.n_eng > 0:
+            eng = table_engineered[1: self.n_eng + 1] * x_engineered[:, :, None]  # (B, n_eng, D)
+            if self.engineered_bias is not None:
+                eng = eng + self.engineered_bias
+            parts.append(eng)
+        summary = F.embedding(torch.zeros(B, 1, dtype=torch.long, device=x_cat.device),
+                              table_engineered, padding_idx=0)  # (B, 1, D), row 0 (never trained)
+        parts.append(summary)
+        x = torch.cat(parts, dim=1).transpose(0, 1)  # (T, B, D), T = n_cat + n_num + n_eng + 1
+        x = self.token_norm(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x[-1]  # (B, D)
