@@ -1,0 +1,185 @@
+"""``tsa fit|validate|test|predict --config configs/X.yaml``: the LightningCLI of the TSA port.
+
+- ``model``: any LightningModule by ``class_path`` (``lightning_port.TemporalSelfAttentionClassification``
+  or ``lightning_port.DualSequenceTSA``), or ``--model ClassName``; ``init_args`` are the legacy
+  hyperparameter names.
+- ``data``: :class:`lightning_port.data.TSADataModule`; ``data.kind`` left ``null`` is set from the
+  model class (dual for ``DualSequenceTSA``); the model's feature counts (``n_cat_features``,
+  ``n_num_features``, ``seq_len``, ``n_engineered_num_features``, ``n_embedding``) are handed to the
+  datamodule, which checks the files against them at setup.
+- ``trainer``: the arguments of :func:`lightning_port.trainer.build_trainer`.
+  ``trainer.max_epochs`` is copied to the model's ``max_epochs`` (OneCycleLR's length) when the
+  model has one.
+- ``--ckpt_path best`` / ``--ckpt_path last`` also work in a fresh process: they resolve to the
+  newest run under ``trainer.default_root_dir/<logger_name>/`` (``best-*.ckpt`` / ``last.ckpt``), and
+  test / predict / a resumed fit then log into that run's directory, so the score files land next
+  to its checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_port.data import TSADataModule
+from lightning_port.scoring import ScoreWriter, run_dir
+from lightning_port.trainer import MONITOR, build_trainer
+
+__all__ = ["TSACLI", "main", "resolve_checkpoint"]
+
+
+class _SaveConfig(SaveConfigCallback):
+    """``config.yaml`` for fit, ``config_<stage>.yaml`` for the others (they share the run directory)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))
+        self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+def _run_dirs(root: Path, name: str, version: Any) -> list[Path]:
+    base = root / name
+    if version is not None:
+        v = version if isinstance(version, str) else f"version_{version}"
+        return [base / v]
+    return [p for p in base.glob("*") if p.is_dir()] if base.is_dir() else []
+
+
+def resolve_checkpoint(alias: str, root: str | Path, name: str = "tsa", version: Any = None) -> Path | None:
+    """``best`` / ``last`` → the file of the newest run (by ``last.ckpt`` time) under ``root/name``."""
+    runs = []
+    for run in _run_dirs(Path(root), name, version):
+        ck = run / "checkpoints"
+        files = list(ck.glob("best-*.ckpt")) if alias == "best" else [ck / "last.ckpt"]
+        files = [f for f in files if f.is_file()]
+        if files:
+            newest = max(files, key=lambda f: f.stat().st_mtime)
+            runs.append((newest.stat().st_mtime, newest))
+    if not runs:
+        return None
+    return max(runs)[1]
+
+
+def _class_from_path(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _is_dual(class_path: str) -> bool:
+    cls = _class_from_path(class_path)
+    try:
+        from lightning_port import DualSequenceTSA  # the other engineer's module; may be absent
+
+        if cls is not None and issubclass(cls, DualSequenceTSA):
+            return True
+    except ImportError:
+        pass
+    return "dual" in class_path.rsplit(".", 1)[-1].lower()
+
+
+class TSACLI(LightningCLI):
+    """LightningCLI wired to the TSA datamodule and trainer factory (see the module docstring)."""
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 0)
+        super().__init__(
+            model_class=None,
+            datamodule_class=TSADataModule,
+            trainer_class=build_trainer,
+            subclass_mode_model=True,
+            save_config_callback=_SaveConfig,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "tsa"},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    # ---- parsing ---------------------------------------------------------------------------------
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        ckpt = cfg.get("ckpt_path")
+        tr = cfg.trainer
+        if ckpt in ("best", "last"):
+            found = resolve_checkpoint(ckpt, tr.default_root_dir, tr.logger_name, tr.logger_version)
+            if found is not None:
+                cfg.ckpt_path = str(found)
+                rank_zero_info(f"tsa: --ckpt_path {ckpt} -> {found}")
+            elif ckpt == "best" and sub != "fit":
+                parser.error(
+                    f"--ckpt_path best: no best-*.ckpt under {Path(tr.default_root_dir) / tr.logger_name}/*/checkpoints "
+                    "(set --trainer.default_root_dir to the fit's root, or give the file)"
+                )
+        ckpt = cfg.get("ckpt_path")
+        # log next to the checkpoint's run: <root>/<name>/<version>/checkpoints/x.ckpt
+        if ckpt and tr.logger_version is None:
+            p = Path(ckpt).resolve()
+            root = (Path(tr.default_root_dir) / tr.logger_name).resolve()
+            if p.parent.name == "checkpoints" and p.parent.parent.parent == root:
+                tr.logger_version = p.parent.parent.name
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        model = cfg.model
+        class_path = model.get("class_path", "") if hasattr(model, "get") else ""
+        if cfg.data.get("kind") is None:
+            cfg.data.kind = "dual" if _is_dual(class_path) else "single"
+        init_args = model.get("init_args") if hasattr(model, "get") else None
+        max_epochs = cfg.trainer.get("max_epochs")
+        if init_args is not None and "max_epochs" in init_args and max_epochs is not None:
+            init_args.max_epochs = max_epochs  # OneCycleLR spans the epochs the trainer runs
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        hparams = dict(getattr(self.model, "hparams", {}) or {})
+        if isinstance(self.datamodule, TSADataModule):
+            self.datamodule.configure_from_model(hparams)
+            if self.datamodule.kind == "single" and _is_dual(type(self.model).__module__ + "." + type(self.model).__name__):
+                raise ValueError("data.kind is 'single' but the model is a dual-sequence model: set data.kind: dual")
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def after_fit(self) -> None:
+        ck = self.trainer.checkpoint_callback
+        if ck is None or not self.trainer.is_global_zero:
+            return
+        best = ck.best_model_score
+        score = f"{float(best):.4f}" if best is not None else "n/a"
+        print(f"tsa: best checkpoint {ck.best_model_path} ({MONITOR} {score}); last {ck.last_model_path}")
+        print(f"tsa: logs in {run_dir(self.trainer)}")
+
+    def _report_written(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ScoreWriter) and cb.written:
+                for path in cb.written.values():
+                    print(f"tsa: wrote {path}")
+
+    def after_test(self) -> None:
+        self._report_written()
+
+    def after_predict(self) -> None:
+        self._report_written()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console entry point ``tsa``."""
+    TSACLI(args=args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
