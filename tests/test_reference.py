@@ -12,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from parity.fixtures import all_cases, forward_args
+from parity.tolerances import ADAM_REASON, GradientNoiseRecorder
 from reference import ASLSingleLabel, Cyclical_FocalLoss, FocalLoss, build_model
 from reference.training import make_optimizer
 
@@ -159,6 +160,7 @@ def trajectory_batches(case):
 def test_six_step_trajectory(case):
     model = legacy_model(case)
     optimizer, scheduler = make_optimizer(model, lr=1e-5, scheduler_maxlr=1e-3, max_epoch=4)
+    noise = GradientNoiseRecorder(model, optimizer)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     losses, lrs, step = [], [], 0
     model.train()
@@ -180,24 +182,14 @@ def test_six_step_trajectory(case):
     assert lrs == pytest.approx(traj["lr"], rel=1e-12, abs=0)
     final = model.state_dict()
     assert list(final) == list(traj["final_state_dict"])
+    noisy = noise.state_masks()
     for k, v in traj["final_state_dict"].items():
-        if k.endswith("in_proj_bias"):
-            # The key bias has an analytically zero gradient (softmax is shift-invariant along keys), so its
-            # recorded gradient is rounding noise and Adam turns noise into steps of up to lr. Its q and v parts
-            # are checked at the output tolerance; its k part is checked against Adam's step bound.
-            e = v.shape[0] // 3
-            q_v = torch.cat([final[k][:e], final[k][2 * e :]]), torch.cat([v[:e], v[2 * e :]])
-            assert_close(*q_v, **OUT_TOL, msg=lambda m, k=k: f"final weight {k} (q, v parts): {m}")
-            bound = sum(lrs) * (1 + 1e-3)
-            assert (final[k][e : 2 * e] - v[e : 2 * e]).abs().max().item() <= bound, f"{k} (k part)"
-            continue
-        close = torch.isclose(final[k], v, **OUT_TOL)
-        # Adam divides by sqrt(v): an element whose gradient is at rounding level in some step (a ReLU unit at its
-        # boundary) moves by up to lr on either side, so ulp-level gradient differences become lr-sized weight
-        # differences there. Such elements must stay within Adam's step bound and be rare (<= 1% of the tensor).
-        far = ~close
-        assert int(far.sum()) <= 0.01 * far.numel(), f"final weight {k}: {int(far.sum())}/{far.numel()} elements differ"
+        # ADAM_REASON: elements whose gradient was at rounding level in some step may differ by up to sum(lr);
+        # every other element is held to the output tolerance.
+        far = ~torch.isclose(final[k], v, **OUT_TOL)
         if far.any():
+            unexplained = far & ~noisy.get(k, torch.zeros_like(far))
+            assert not unexplained.any(), f"final weight {k}: {int(unexplained.sum())} elements differ ({ADAM_REASON})"
             assert (final[k] - v)[far].abs().max().item() <= sum(lrs) * (1 + 1e-3), f"final weight {k}"
 
 
