@@ -1,0 +1,531 @@
+"""``tsa-export-onnx``: ONNX export of the two TSA LightningModules, verified with ONNX Runtime.
+
+Contract (docs/onnx.md, design.md):
+
+- inputs named like the legacy forward arguments -- single: ``x_cat, x_num, x_engineered,
+  time_seq, key_padding_mask``; dual: ``x_seq_cat_cid, x_seq_num_cid, time_seq_cid,
+  x_seq_cat_ccid, x_seq_num_ccid, time_seq_ccid, x_engineered, key_padding_mask_cid,
+  key_padding_mask_ccid``; ``x_engineered`` only when the model has engineered features. Every
+  input has a dynamic batch axis 0; sequence inputs are float32 (B, L, n) / (B, L, 1), key padding
+  masks bool (B, L+1), True = ignore (the legacy loop's mask, the dummy slot never masked);
+- outputs ``scores`` (B, n_classes) logits -- the legacy forward's first output -- and ``probs``
+  (B, n_classes) = softmax(scores), whose last column is what the legacy score files hold;
+- ``metadata_props``: ``moe_eval_policy``, ``port_version``, ``hyperparameters`` (JSON of the
+  module's hyperparameters, with the exported policy), ``kind``, ``input_names``, ``exporter``,
+  ``torch_version``.
+
+The legacy ``"random"`` MoE policy flips coins in eval and cannot be exported; export uses a
+deterministic policy (:data:`DEFAULT_POLICY` unless the checkpoint or the caller names another).
+Everything batch-dependent -- expert capacity, MoE dispatch positions, the dual model's card rows --
+is computed in the graph from the runtime batch: the dual network is exported with
+``card_rows="masked"`` (the card stack runs on every row and the kept rows form its MoE group),
+which is the legacy row selection with static shapes.
+
+Exporter: ``torch.onnx.export(dynamo=True)`` with a symbolic batch ``Dim`` (the default here). It
+either proves the graph valid for every batch size or fails at export time; the TorchScript tracer
+(``--exporter torchscript``, deprecated since torch 2.9) records Python integers silently and is
+kept only as a fallback. Either way :func:`verify` runs the file in ONNX Runtime against the eager
+port at batch sizes the export did not see, including a batch of identical rows that makes the
+expert capacity bind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import pickle
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import DETERMINISTIC_POLICIES, MOE_EVAL_POLICIES
+
+PROG = "tsa-export-onnx"
+# "expected" weights the second expert by its gate times the legacy keep-probability min(1, g2/0.2):
+# each MoE layer outputs the mean over its coin flip, so the model stays closest to the legacy's
+# average output (measured in docs/onnx.md), and the output is continuous in the gate (no 0.2 cliff
+# where fp32 rounding differences between runtimes could flip a decision).
+DEFAULT_POLICY = "expected"
+DEFAULT_OPSET = 18
+EXPORTERS = ("dynamo", "torchscript")
+EXPORT_BATCH = 4  # example batch traced at export; verification uses other sizes
+VERIFY_BATCHES = (1, 3, 7)
+REPLICATED_BATCH = 24  # identical rows: every row picks the same experts, so capacity binds
+# fp32 tolerances (torch.testing's fp32 atol; rtol a little looser than its 1.3e-6 because ORT
+# fuses and reorders reductions)
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-4
+OUTPUT_NAMES = ("scores", "probs")
+SINGLE_INPUTS = ("x_cat", "x_num", "x_engineered", "time_seq", "key_padding_mask")
+DUAL_INPUTS = ("x_seq_cat_cid", "x_seq_num_cid", "time_seq_cid", "x_seq_cat_ccid", "x_seq_num_ccid",
+               "time_seq_ccid", "x_engineered", "key_padding_mask_cid", "key_padding_mask_ccid")
+PROBE_TIME_MAX = 1.0e6  # probe time gaps (the legacy attention overflows above ~8.8e7)
+
+
+class ExportError(Exception):
+    """A user error (missing file, bad policy, not a port checkpoint): one line, no traceback."""
+
+
+# --- modules --------------------------------------------------------------------------------------
+def module_kind(module: nn.Module) -> str:
+    kind = getattr(module, "kind", "")
+    if kind not in ("single", "dual"):
+        raise ExportError(f"{type(module).__name__} is not a TSA port module (kind {kind!r}).")
+    return kind
+
+
+def input_names(kind: str, n_engineered: int) -> tuple[str, ...]:
+    """ONNX input names for ``kind``; ``x_engineered`` only when there are engineered features."""
+    names = SINGLE_INPUTS if kind == "single" else DUAL_INPUTS
+    return tuple(n for n in names if n != "x_engineered" or n_engineered > 0)
+
+
+def resolve_policy(requested: str | None, current: str) -> str:
+    """The deterministic MoE eval policy to export: ``requested``, else the module's own when it is
+    deterministic, else :data:`DEFAULT_POLICY`. ``"random"`` is refused."""
+    if requested is not None:
+        if requested == "random":
+            raise ExportError("moe_eval_policy 'random' flips coins in eval and cannot be exported; "
+                              f"choose one of {', '.join(DETERMINISTIC_POLICIES)} (default {DEFAULT_POLICY}).")
+        if requested not in MOE_EVAL_POLICIES:
+            raise ExportError(f"unknown moe_eval_policy {requested!r}; choose one of "
+                              f"{', '.join(DETERMINISTIC_POLICIES)}.")
+        return requested
+    return current if current in DETERMINISTIC_POLICIES else DEFAULT_POLICY
+
+
+def with_overrides(module: nn.Module, **overrides: Any) -> nn.Module:
+    """A fresh eval-mode copy of a TSA LightningModule rebuilt from its hyperparameters with
+    ``overrides`` (e.g. ``moe_eval_policy``, ``card_rows``), carrying the same weights."""
+    hparams = {**dict(module.hparams), **overrides}
+    with torch.random.fork_rng(devices=[]):  # the throw-away initialisation must not move the caller's RNG
+        clone = type(module)(**hparams)
+    clone.load_state_dict(module.state_dict())
+    return clone.eval()
+
+
+class ExportWrapper(nn.Module):
+    """The plain network with named tensor inputs, returning ``(scores, softmax(scores))``.
+
+    Input validation of the LightningModule (data-dependent Python checks) stays out of the graph.
+    """
+
+    def __init__(self, network: nn.Module, kind: str, names: Sequence[str]):
+        super().__init__()
+        self.network = network
+        self.kind = kind
+        self.names = tuple(names)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        x = dict(zip(self.names, inputs))
+        eng = x.get("x_engineered")
+        if self.kind == "single":
+            scores, _ = self.network(x["x_cat"], x["x_num"], eng, x["time_seq"], None, x["key_padding_mask"])
+        else:
+            scores, _ = self.network(
+                x["x_seq_cat_cid"], x["x_seq_num_cid"], x["time_seq_cid"], x["x_seq_cat_ccid"],
+                x["x_seq_num_ccid"], x["time_seq_ccid"], eng, None, x["key_padding_mask_cid"],
+                x["key_padding_mask_ccid"])
+        return scores, torch.softmax(scores, dim=1)  # (B, C) each
+
+
+def export_wrapper(module: nn.Module, policy: str) -> ExportWrapper:
+    """The graph to export: ``module``'s network under ``policy``; the dual one with
+    ``card_rows="masked"`` (static shapes; the kept card rows are a mask, not a subset)."""
+    kind = module_kind(module)
+    overrides: dict[str, Any] = {"moe_eval_policy": policy}
+    if kind == "dual":
+        overrides["card_rows"] = "masked"
+    clone = with_overrides(module, **overrides)
+    names = input_names(kind, clone.config.n_engineered_num_features)
+    return ExportWrapper(copy.deepcopy(clone.network).eval(), kind, names).eval()
+
+
+# --- probe inputs ---------------------------------------------------------------------------------
+def _sequence(config: Any, batch: int, g: torch.Generator, lengths: Tensor) -> tuple[Tensor, ...]:
+    """Left-padded histories of the given lengths (1..L): ``x_cat`` float codes, ``x_num``,
+    ``time_seq`` (0 at the last position, growing into the past), ``key_padding_mask`` (B, L+1)."""
+    L, n_cat, n_num = config.seq_len, config.n_cat_features, config.n_num_features
+    pos = torch.arange(L)
+    not_padded = pos[None, :] >= (L - lengths)[:, None]  # (B, L)
+    x_cat = torch.randint(1, config.n_cat_codes + 1, (batch, L, n_cat), generator=g).float()
+    x_num = torch.randn(batch, L, n_num, generator=g)
+    gaps = torch.rand(batch, L, generator=g) * PROBE_TIME_MAX / L
+    time = gaps.flip(1).cumsum(1).flip(1) - gaps[:, -1:]  # (B, L), 0 at the last position
+    x_cat = x_cat * not_padded[..., None]
+    x_num = x_num * not_padded[..., None]
+    time = (time * not_padded)[..., None]  # (B, L, 1)
+    kpm = torch.logical_not(torch.nn.functional.pad(not_padded, (0, 1), value=True))  # (B, L+1)
+    return x_cat, x_num, time, kpm
+
+
+def probe_inputs(config: Any, kind: str, batch: int, seed: int = 0) -> dict[str, Tensor]:
+    """Synthetic inputs in the legacy layout for ``config``: random history lengths (some full, some
+    of length 1); dual: about a third of the card histories empty (only the current order)."""
+    g = torch.Generator().manual_seed(seed)
+    L = config.seq_len
+    out: dict[str, Tensor] = {}
+
+    def lengths() -> Tensor:
+        n = torch.randint(1, L + 1, (batch,), generator=g)
+        n[torch.rand(batch, generator=g) < 0.2] = L
+        return n
+
+    if kind == "single":
+        x_cat, x_num, time, kpm = _sequence(config, batch, g, lengths())
+        out.update(x_cat=x_cat, x_num=x_num, time_seq=time, key_padding_mask=kpm)
+    else:
+        for sfx in ("_cid", "_ccid"):
+            n = lengths()
+            if sfx == "_ccid":
+                n[torch.arange(batch) % 3 == 1] = 1  # empty card history: only the current order
+            x_cat, x_num, time, kpm = _sequence(config, batch, g, n)
+            out.update({f"x_seq_cat{sfx}": x_cat, f"x_seq_num{sfx}": x_num, f"time_seq{sfx}": time,
+                        f"key_padding_mask{sfx}": kpm})
+        # legacy: both sequences end with the same current transaction
+        out["x_seq_cat_ccid"][:, -1] = out["x_seq_cat_cid"][:, -1]
+        out["x_seq_num_ccid"][:, -1] = out["x_seq_num_cid"][:, -1]
+    if config.n_engineered_num_features > 0:
+        out["x_engineered"] = torch.randn(batch, config.n_engineered_num_features, generator=g)
+    return out
+
+
+def take_rows(inputs: Mapping[str, Tensor], rows: Sequence[int] | Tensor) -> dict[str, Tensor]:
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    return {k: v[idx] for k, v in inputs.items()}
+
+
+# --- export ---------------------------------------------------------------------------------------
+def export_onnx(module: nn.Module, output: str | Path, *, moe_eval_policy: str | None = None,
+                opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
+                example_batch: int = EXPORT_BATCH) -> tuple[Path, str]:
+    """Export a TSA LightningModule to ``output``; returns ``(path, policy exported)``."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
+    kind = module_kind(module)
+    policy = resolve_policy(moe_eval_policy, module.hparams.get("moe_eval_policy", "random"))
+    wrapper = export_wrapper(module, policy)
+    names = wrapper.names
+    example = probe_inputs(wrapper.network.config, kind, example_batch, seed=12345)
+    args = tuple(example[n] for n in names)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" registration notes
+    with warnings.catch_warnings(), torch.no_grad(), _restore_level(onnx_log, level):
+        warnings.simplefilter("ignore")  # exporter chatter (deprecations, constant folding notes)
+        # a tracer warning means a Python value was frozen into the graph: fail instead
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(
+                wrapper, args, input_names=list(names), output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=(tuple({0: batch} for _ in names),), opset_version=opset, dynamo=True,
+                optimize=True, verbose=False, external_data=False)
+            model = program.model_proto
+        else:
+            import io
+
+            import onnx
+
+            buf = io.BytesIO()
+            torch.onnx.export(
+                wrapper, args, buf, input_names=list(names), output_names=list(OUTPUT_NAMES),
+                dynamic_axes={n: {0: "batch"} for n in (*names, *OUTPUT_NAMES)}, opset_version=opset,
+                dynamo=False, do_constant_folding=True)
+            model = onnx.load_from_string(buf.getvalue())
+    hparams = {**dict(module.hparams), "moe_eval_policy": policy}
+    if kind == "dual":
+        hparams["card_rows"] = "masked"
+    _set_metadata(model, {
+        "moe_eval_policy": policy,
+        "port_version": _port_version(),
+        "hyperparameters": json.dumps(hparams, sort_keys=True, default=str),
+        "kind": kind,
+        "input_names": ",".join(names),
+        "output_names": ",".join(OUTPUT_NAMES),
+        "exporter": exporter,
+        "torch_version": torch.__version__,
+    })
+    import onnx
+
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(output))
+    return output, policy
+
+
+@contextlib.contextmanager
+def _restore_level(logger: logging.Logger, level: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _port_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tsa-lightning-migration")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _set_metadata(model: Any, values: Mapping[str, str]) -> None:
+    kept = [p for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, str(value)
+    model.producer_name = "lightning_port.export"
+    model.producer_version = _port_version()
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """``metadata_props`` of an exported file (without loading the weights into a session)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+# --- ONNX Runtime -----------------------------------------------------------------------------------
+def ort_session(path: str | Path, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session (``threads`` intra-op threads, sequential execution)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, inputs: Mapping[str, Tensor | np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``session`` on the inputs it declares (others are ignored) -> {output name: array}."""
+    feed = {}
+    for i in session.get_inputs():
+        if i.name not in inputs or inputs[i.name] is None:
+            raise ExportError(f"input {i.name!r} is missing (the model expects "
+                              f"{', '.join(x.name for x in session.get_inputs())}).")
+        v = inputs[i.name]
+        feed[i.name] = v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
+    outs = session.run(None, feed)
+    return {o.name: v for o, v in zip(session.get_outputs(), outs)}
+
+
+def eager_outputs(module: nn.Module, inputs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """The eager LightningModule's ``scores`` and ``probs`` on named inputs (legacy forward order)."""
+    kind = module_kind(module)
+    names = SINGLE_INPUTS if kind == "single" else DUAL_INPUTS
+    x = {n: inputs.get(n) for n in names}
+    with torch.no_grad():
+        if kind == "single":
+            scores, _ = module(x["x_cat"], x["x_num"], x["x_engineered"], x["time_seq"],
+                               None, x["key_padding_mask"])
+        else:
+            scores, _ = module(*(x[n] for n in DUAL_INPUTS[:7]), None, x["key_padding_mask_cid"],
+                               x["key_padding_mask_ccid"])
+    return {"scores": scores.numpy(), "probs": torch.softmax(scores, dim=1).numpy()}
+
+
+# --- verification ------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """ONNX Runtime vs eager on one batch: worst errors over ``scores`` and ``probs``."""
+
+    label: str
+    batch: int
+    max_abs_err: float
+    max_rel_err: float
+    worst: str  # "output[row, col]"
+    atol: float
+    rtol: float
+    bad: int = 0  # elements beyond atol + rtol·|eager|
+    total: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.bad == 0
+
+    def line(self) -> str:
+        status = "ok" if self.passed else f"FAIL ({self.bad}/{self.total} elements beyond tolerance)"
+        return (f"{self.label:<22} batch {self.batch:>3}: max abs err {self.max_abs_err:.2e} "
+                f"(at {self.worst}), max rel err {self.max_rel_err:.2e}  {status}")
+
+
+def compare(onnx_out: Mapping[str, np.ndarray], eager_out: Mapping[str, np.ndarray], label: str,
+            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> Comparison:
+    """Elementwise ``|onnx - eager| <= atol + rtol·|eager|`` over every output; NaN anywhere fails."""
+    worst_abs, worst_rel, where, bad, total, batch = -1.0, 0.0, "-", 0, 0, 0
+    for name in OUTPUT_NAMES:
+        a = np.asarray(onnx_out[name], dtype=np.float64)
+        b = np.asarray(eager_out[name], dtype=np.float64)
+        if a.shape != b.shape:
+            raise AssertionError(f"{label}: {name} has shape {a.shape} in ONNX Runtime, {b.shape} eager")
+        batch = a.shape[0]
+        nan = np.isnan(a) != np.isnan(b)
+        diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
+        diff = np.where(nan, np.inf, diff)
+        rel = diff / np.maximum(np.abs(b), 1e-30)
+        bad += int((diff > atol + rtol * np.abs(b)).sum())
+        total += a.size
+        if a.size and diff.max() > worst_abs:
+            i = np.unravel_index(int(np.argmax(diff)), diff.shape)
+            worst_abs, where = float(diff[i]), f"{name}[{', '.join(map(str, i))}]"
+        if a.size:
+            worst_rel = max(worst_rel, float(rel.max()))
+    return Comparison(label, batch, max(worst_abs, 0.0), worst_rel, where, atol, rtol, bad, total)
+
+
+@dataclass
+class VerifyReport:
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    @property
+    def worst(self) -> Comparison:
+        return max(self.comparisons, key=lambda c: c.max_abs_err)
+
+
+def verify(onnx_path: str | Path, module: nn.Module, *, policy: str | None = None,
+           batch_sizes: Sequence[int] = VERIFY_BATCHES, replicated: int = REPLICATED_BATCH,
+           inputs: Mapping[str, Tensor] | None = None, atol: float = DEFAULT_ATOL,
+           rtol: float = DEFAULT_RTOL, seed: int = 0, session: Any = None) -> VerifyReport:
+    """ONNX Runtime vs the eager port (same deterministic policy, the module's own ``card_rows``).
+
+    Batches: probe inputs (or rows of ``inputs``) of each size in ``batch_sizes``, and a batch of
+    ``replicated`` copies of one row (with MoE every row then picks the same experts, so the
+    runtime expert capacity decides which rows keep them -- a capacity frozen at export shows here).
+    """
+    kind = module_kind(module)
+    if policy is None:
+        policy = read_metadata(onnx_path).get("moe_eval_policy", DEFAULT_POLICY)
+    reference = with_overrides(module, moe_eval_policy=policy)
+    session = session or ort_session(onnx_path)
+    report = VerifyReport()
+    batches: list[tuple[str, dict[str, Tensor]]] = []
+    for b in batch_sizes:
+        if inputs is None:
+            batches.append(("probe", probe_inputs(reference.config, kind, b, seed=seed + b)))
+        else:
+            n = next(iter(inputs.values())).shape[0]
+            batches.append(("fixture rows", take_rows(inputs, [i % n for i in range(b)])))
+    if replicated:
+        src = inputs if inputs is not None else probe_inputs(reference.config, kind, 2, seed=seed)
+        batches.append(("replicated row", take_rows(src, [0] * replicated)))
+    for label, x in batches:
+        report.comparisons.append(compare(run_onnx(session, x), eager_outputs(reference, x), label,
+                                          atol, rtol))
+    return report
+
+
+# --- checkpoints and CLI ----------------------------------------------------------------------------
+def load_checkpoint(path: str | Path, **overrides: Any) -> nn.Module:
+    """The port LightningModule saved in ``path`` (single or dual, read from the checkpoint)."""
+    from .module import DualSequenceTSA, TemporalSelfAttentionClassification
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ExportError(f"cannot read checkpoint {path}: it holds pickled objects that a weights-only "
+                          "load refuses (possibly code); not loading it.") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"cannot read checkpoint {path}: {first}.") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ExportError(f"{path} is not a Lightning checkpoint of the TSA port (no state_dict / "
+                          "hyper_parameters); convert legacy files with tsa-convert first.")
+    dual = any(k.startswith("network.order_cid.") for k in ckpt["state_dict"])
+    cls = DualSequenceTSA if dual else TemporalSelfAttentionClassification
+    try:
+        module = cls.load_from_checkpoint(str(path), map_location="cpu", **overrides)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ExportError(f"cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+    return module.eval()
+
+
+def _batch_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Export a TSA port checkpoint to ONNX (dynamic batch, deterministic MoE) "
+                               "and verify it with ONNX Runtime against the eager port.")
+    p.add_argument("checkpoint", help="Lightning checkpoint of TemporalSelfAttentionClassification or DualSequenceTSA")
+    p.add_argument("--output", "-o", required=True, help="path of the .onnx file to write")
+    p.add_argument("--moe-eval-policy", default=None,
+                   help=f"deterministic MoE policy: {', '.join(DETERMINISTIC_POLICIES)} (default: the "
+                        f"checkpoint's if deterministic, else {DEFAULT_POLICY}); 'random' is refused")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                   help="torch.onnx exporter (default dynamo; torchscript is the deprecated tracer)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare ONNX Runtime with the eager port after export (default on)")
+    p.add_argument("--batch-sizes", type=_batch_list, default=VERIFY_BATCHES,
+                   help=f"verification batch sizes (default {','.join(map(str, VERIFY_BATCHES))}; export uses {EXPORT_BATCH})")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.moe_eval_policy is not None:
+            resolve_policy(args.moe_eval_policy, "random")  # refuse before loading anything
+        module = load_checkpoint(args.checkpoint)
+        saved = module.hparams.get("moe_eval_policy", "random")
+        path, policy = export_onnx(module, args.output, moe_eval_policy=args.moe_eval_policy,
+                                   opset=args.opset, exporter=args.exporter)
+    except ExportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    moe = "MoE" if module.config.use_moe else "no MoE"
+    if not module.config.use_moe:
+        note = " (no MoE layers: the policy has no effect)"
+    elif args.moe_eval_policy or saved == policy:
+        note = ""
+    else:
+        note = f" (checkpoint policy {saved!r} is not exportable)"
+    print(f"exported {module_kind(module)} model ({moe}) to {path} [{args.exporter}, opset {args.opset}, "
+          f"moe_eval_policy={policy}{note}]")
+    if not args.verify:
+        return 0
+    report = verify(path, module, policy=policy, batch_sizes=args.batch_sizes, atol=args.atol, rtol=args.rtol)
+    for c in report.comparisons:
+        print("  " + c.line())
+    w = report.worst
+    verdict = "passed" if report.passed else "FAILED"
+    print(f"verification {verdict}: worst abs err {w.max_abs_err:.2e} ({w.label}, batch {w.batch}); "
+          f"tolerance atol {args.atol:g} + rtol {args.rtol:g}")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""ONNX export (``lightning_port.export``) and scoring (``lightning_port.serve``).
+
+Every recorded case (shipped and ``TSA_LEGACY_FIXTURES`` held-out ones) is exported and run in ONNX
+Runtime at batch 1, 3 and 3x the fixture batch plus a batch of identical rows (capacity binds),
+against the eager port under the same deterministic MoE policy. The fast TorchScript exporter
+covers every case; the default dynamo exporter covers the dual case and (via the CLI test) a single one, and the
+production shape under the ``slow`` mark (each dynamo export takes 10-60 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import lightning as L
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lightning_port import export as ex
+from lightning_port import serve
+from lightning_port.module import DualSequenceTSA, TemporalSelfAttentionClassification
+from lightning_port.nn.networks import EMPTY_CARD_MASK_SUM, GATE_KEEP_THRESHOLD
+from lightning_port.weight_map import legacy_to_port
+from parity.fixtures import LegacyCase, all_cases
+
+# required by the issue: atol 1e-4 / rtol 1e-3; the export holds to fp32 rounding, so check tighter
+ATOL, RTOL = 1e-5, 1e-4
+POLICY = ex.DEFAULT_POLICY
+DYNAMO_CASES = ("dual_small",)  # single_small runs through the dynamo CLI test
+DYNAMO_SLOW_CASES = ("single_production",)
+
+
+def module_for(case: LegacyCase, **overrides) -> torch.nn.Module:
+    cls = DualSequenceTSA if case.kind == "dual" else TemporalSelfAttentionClassification
+    m = cls(**{**case.kwargs, "moe_eval_policy": POLICY, **overrides})
+    m.network.load_state_dict(legacy_to_port(case.state_dict, m.config, case.kind))
+    return m.eval()
+
+
+def case_exporter_params() -> list:
+    params = []
+    for case in all_cases():
+        params.append(pytest.param(case, "torchscript", id=f"{case.name}-torchscript"))
+        if case.name in DYNAMO_CASES:
+            params.append(pytest.param(case, "dynamo", id=f"{case.name}-dynamo"))
+        if case.name in DYNAMO_SLOW_CASES:
+            params.append(pytest.param(case, "dynamo", id=f"{case.name}-dynamo", marks=pytest.mark.slow))
+    return params
+
+
+def save_checkpoint(module: torch.nn.Module, path) -> None:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+
+
+@pytest.mark.parametrize(("case", "exporter"), case_exporter_params())
+def test_fixture_case_matches_eager_at_other_batch_sizes(case, exporter, tmp_path):
+    m = module_for(case)
+    path, policy = ex.export_onnx(m, tmp_path / "m.onnx", exporter=exporter)
+    assert policy == POLICY
+    B = case.batch_size
+    report = ex.verify(path, m, batch_sizes=(1, 3, 3 * B), inputs=case.inputs, atol=ATOL, rtol=RTOL)
+    assert [c.batch for c in report.comparisons] == [1, 3, 3 * B, ex.REPLICATED_BATCH]
+    probe = ex.probe_inputs(m.config, case.kind, 3 * B, seed=7)  # synthetic rows, also for held-out cases
+    report.comparisons += ex.verify(path, m, batch_sizes=(3 * B,), inputs=probe, atol=ATOL, rtol=RTOL,
+                                    replicated=0).comparisons
+    failed = [c.line() for c in report.comparisons if not c.passed]
+    assert not failed, f"{case.name} ({exporter}):\n" + "\n".join(failed)
+    if case.kind == "dual":  # rows with empty card histories and rows whose card stack runs were scored
+        empty, kept = [], []
+        for x in (case.inputs, probe):
+            empty.append(x["key_padding_mask_ccid"].sum(1) == EMPTY_CARD_MASK_SUM)
+            ex.eager_outputs(m, x)
+            kept.append(m.network.last_gate[:, 1] > GATE_KEEP_THRESHOLD)
+        empty, kept = torch.cat(empty), torch.cat(kept)
+        assert empty.any(), "no row with an empty card history"
+        assert (~empty).any(), "no row with a card history"
+        assert kept.any(), "no row ran the card stack"
+        assert (~kept).any(), "every row ran the card stack"
+
+
+@pytest.mark.parametrize("case", [c for c in all_cases() if c.kwargs.get("use_moe", True)
+                                  and not c.full_size], ids=lambda c: c.name)
+def test_replicated_batch_makes_capacity_bind(case):
+    """The replicated-row probe is only meaningful if expert capacity decides some rows' outputs."""
+    m = module_for(case)
+    x = ex.take_rows(case.inputs, [0] * ex.REPLICATED_BATCH)
+    scores = ex.eager_outputs(m, x)["scores"]
+    assert not np.allclose(scores, scores[:1], atol=1e-6), "identical rows scored identically: capacity never bound"
+
+
+def test_verify_reports_a_planted_mismatch(tmp_path):
+    case = next(c for c in all_cases() if c.name == "single_small")
+    m = module_for(case)
+    path, _ = ex.export_onnx(m, tmp_path / "m.onnx", exporter="torchscript")
+    report = ex.verify(path, m, policy="none", batch_sizes=(3,), inputs=case.inputs, replicated=0)
+    (c,) = report.comparisons
+    assert not c.passed
+    assert c.max_abs_err > 1e-3
+    assert c.worst.startswith(("scores[", "probs["))
+    assert "FAIL" in c.line()
+
+
+def test_names_dynamic_batch_and_metadata(tmp_path):
+    cases = {c.name: c for c in all_cases()}
+    for name, engineered in (("single_small", True), ("single_production", False), ("dual_small", True)):
+        case = cases[name]
+        m = module_for(case)
+        path, _ = ex.export_onnx(m, tmp_path / f"{name}.onnx", exporter="torchscript")
+        model = onnx.load(str(path))
+        inputs = [i.name for i in model.graph.input]
+        expected = list(ex.SINGLE_INPUTS if case.kind == "single" else ex.DUAL_INPUTS)
+        if not engineered:
+            expected.remove("x_engineered")
+        assert inputs == expected
+        assert [o.name for o in model.graph.output] == ["scores", "probs"]
+        for v in (*model.graph.input, *model.graph.output):
+            dim0 = v.type.tensor_type.shape.dim[0]
+            assert dim0.dim_param, f"{v.name}: batch axis is static"
+            assert not dim0.HasField("dim_value"), f"{v.name}: batch axis is static"
+        meta = ex.read_metadata(path)
+        assert meta["moe_eval_policy"] == POLICY
+        assert meta["kind"] == case.kind
+        assert meta["port_version"]
+        assert meta["port_version"] != "unknown"
+        hp = json.loads(meta["hyperparameters"])
+        assert hp["moe_eval_policy"] == POLICY
+        for k, v in case.kwargs.items():
+            assert hp[k] == v, k
+
+
+def test_random_policy_is_refused_and_default_replaces_it(tmp_path):
+    case = next(c for c in all_cases() if c.name == "single_small")
+    m = module_for(case, moe_eval_policy="random")
+    with pytest.raises(ex.ExportError, match="'random' flips coins"):
+        ex.export_onnx(m, tmp_path / "m.onnx", moe_eval_policy="random")
+    assert ex.resolve_policy(None, "random") == ex.DEFAULT_POLICY
+    assert ex.resolve_policy(None, "threshold") == "threshold"
+    assert ex.resolve_policy("all", "threshold") == "all"
+
+
+def test_cli_exports_verifies_and_fails_beyond_tolerance(tmp_path, capsys):
+    case = next(c for c in all_cases() if c.name == "single_small")
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(module_for(case, moe_eval_policy="random"), ckpt)  # the legacy default policy
+    out = tmp_path / "m.onnx"
+    assert ex.main([str(ckpt), "--output", str(out)]) == 0  # default exporter: dynamo
+    text = capsys.readouterr().out
+    assert "moe_eval_policy=expected (checkpoint policy 'random' is not exportable)" in text
+    assert "verification passed" in text
+    assert "batch   1" in text
+    assert ex.read_metadata(out)["moe_eval_policy"] == "expected"
+    # a zero tolerance cannot hold across runtimes: non-zero exit and a FAIL line
+    rc = ex.main([str(ckpt), "--output", str(out), "--exporter", "torchscript", "--atol", "0", "--rtol", "0"])
+    assert rc == 1
+    assert "verification FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["missing.ckpt"], "does not exist"),
+    (["{ckpt}", "--moe-eval-policy", "random"], "'random' flips coins in eval and cannot be exported"),
+    (["{ckpt}", "--moe-eval-policy", "sometimes"], "unknown moe_eval_policy 'sometimes'"),
+    (["{legacy}"], "not a Lightning checkpoint of the TSA port"),
+])
+def test_cli_user_errors_are_one_line(argv, message, tmp_path, capsys):
+    case = next(c for c in all_cases() if c.name == "single_small")
+    ckpt = tmp_path / "m.ckpt"
+    if "{ckpt}" in argv:
+        save_checkpoint(module_for(case), ckpt)
+    argv = [a.format(ckpt=ckpt, legacy=case.file("model.pt")) for a in argv]
+    assert ex.main([*argv, "--output", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["single", "dual"])
+def test_score_split_with_onnx_and_eager_writes_legacy_files(kind, tmp_path, capsys):
+    from lightning_port.synth import SynthConfig, write_dataset
+
+    cfg = SynthConfig(kind=kind, rows=8, eval_rows=20, seed=3)
+    write_dataset(tmp_path / "data", cfg)
+    cls = DualSequenceTSA if kind == "dual" else TemporalSelfAttentionClassification
+    torch.manual_seed(0)
+    m = cls(n_cat_features=cfg.n_cat, n_num_features=cfg.n_num, n_embedding=cfg.n_embedding, seq_len=cfg.seq_len,
+            n_engineered_num_features=cfg.n_eng, dim_embedding_table=8, dim_attn_feedforward=16, num_heads=2,
+            n_layers_order=1, n_layers_feature=1, num_experts=3, moe_eval_policy="threshold").eval()
+    onnx_path, _ = ex.export_onnx(m, tmp_path / "m.onnx", exporter="torchscript")
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(m, ckpt)
+    data = str(tmp_path / "data")
+    assert serve.main([str(onnx_path), "--data-dir", data, "--split", "vali", "--out", str(tmp_path / "o"),
+                       "--batch-size", "7"]) == 0
+    assert serve.main([str(ckpt), "--data-dir", data, "--split", "vali", "--out", str(tmp_path / "e"),
+                       "--batch-size", "7"]) == 0
+    assert serve.main([str(onnx_path), "--data-dir", data, "--split", "cali", "--out", str(tmp_path / "o")]) == 0
+    assert "scored 20 rows of vali" in capsys.readouterr().out
+    y = np.load(tmp_path / "data" / "vali_Y_v0.npy").reshape(-1)
+    onnx_lines = (tmp_path / "o" / "score_file.csv").read_text().splitlines()
+    eager_lines = (tmp_path / "e" / "score_file.csv").read_text().splitlines()
+    assert len(onnx_lines) == len(y) == 20
+    assert all(line == str(np.float32(line)) for line in onnx_lines)  # legacy str(np.float32(v)) format
+    np.testing.assert_allclose(np.float32(onnx_lines), np.float32(eager_lines), atol=1e-6, rtol=0)
+    assert (tmp_path / "o" / "tag_file.csv").read_text() == "".join(f"{int(v)}\n" for v in y)
+    with open(tmp_path / "o" / "percentile_score.pkl", "rb") as f:
+        table = pickle.load(f)
+    assert len(table) == 1000
+    assert table[0][1] == 0.0
+    assert (tmp_path / "o" / "cali_score_file.csv").is_file()
+
+
+def test_score_cli_user_errors(tmp_path, capsys):
+    assert serve.main(["nope.onnx", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
