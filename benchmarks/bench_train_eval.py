@@ -1,0 +1,162 @@
+"""Train step (forward + backward + Adam step) and eval forward, reference vs port.
+
+Same weights (the legacy model's, mapped to the port by ``weight_map``), same generated inputs.
+Reference and port of one scenario run back to back (adjacent test ids) so their ratio is taken
+under the same machine load. CPU: batch 1 / 64 / 256 / 1024; CUDA: 1024 / 4096 / 16384.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from benchmarks import common, memory
+from benchmarks.conftest import elapsed
+
+
+@dataclass(frozen=True)
+class Scenario:
+    kind: str
+    shape: str
+    mode: str
+    batch: int
+    impl: str
+    rounds: int
+    warmup: int
+    skip: str | None = None
+    heavy: bool = False
+    memory: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-{self.shape}-{self.mode}-b{self.batch}-{self.impl}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.mode} {self.kind} {self.shape}"
+
+
+# CPU reference cases that would blow the 30-minute budget on a small machine. The legacy MoE
+# dispatch is quadratic in the batch: a default-shape legacy train step at batch 256 takes ~15 s on
+# 2 free cores, at 1024 about a minute or more; the dual model runs two such stacks.
+CPU_REFERENCE_SKIPS = {
+    ("dual", "default", "train", 1024): "legacy dual default-shape train step at batch 1024: several minutes per "
+    "step on CPU (two quadratic MoE stacks), beyond the 30-minute budget",
+    ("dual", "default", "eval", 1024): "legacy dual default-shape eval at batch 1024: minutes per forward on CPU "
+    "(two quadratic MoE stacks), beyond the 30-minute budget",
+    ("dual", "production", "train", 1024): "legacy dual production train step at batch 1024 skipped for the "
+    "30-minute CPU budget",
+}
+
+
+def _rounds(batch: int, impl: str, shape: str, device: torch.device) -> tuple[int, int]:
+    if device.type == "cuda":
+        return (5, 2) if batch <= 4096 else (3, 1)
+    if batch == 1:
+        return 10, 2
+    if batch <= 64:
+        return 3, 1
+    if impl == "reference" and shape in ("default", "small") and batch >= 1024:
+        return 1, 0  # one legacy step is minutes long
+    if batch <= 256:
+        return 2, 1
+    return 2, 1 if impl == "port" else 0
+
+
+def scenarios(quick: bool, device: torch.device) -> list[Scenario]:
+    if quick:
+        shapes, batches = ("small", "small_plain"), (1, 8, 32)
+        mem_batches = {32}
+    elif device.type == "cuda":
+        shapes, batches = ("default", "production"), (1024, 4096, 16384)
+        mem_batches = set(batches)
+    else:
+        shapes, batches = ("default", "production"), (1, 64, 256, 1024)
+        mem_batches = {256, 1024}
+    out = []
+    # the issue's headline case first, so the time budget never takes it
+    order = [("single", shapes[0], "train", batches[-1]), ("single", shapes[0], "eval", batches[-1])]
+    for kind in ("single", "dual"):
+        for shape in shapes:
+            for mode in ("train", "eval"):
+                for b in batches:
+                    if (kind, shape, mode, b) not in order:
+                        order.append((kind, shape, mode, b))
+    for kind, shape, mode, b in order:
+        for impl in ("reference", "port"):
+            rounds, warmup = _rounds(b, impl, shape, device)
+            skip = None
+            if device.type == "cpu" and impl == "reference" and not quick:
+                skip = CPU_REFERENCE_SKIPS.get((kind, shape, mode, b))
+            heavy = impl == "reference" and rounds == 1
+            # heavy legacy cases always get the fresh-process run first: if the child is killed for
+            # memory, the in-process timing is skipped instead of taking the whole session down
+            mem = heavy or (b in mem_batches and (kind == "single" or b <= 256))
+            out.append(Scenario(kind, shape, mode, b, impl, rounds, warmup, skip, heavy, mem))
+    return out
+
+
+def _peak_inprocess(runner: common.Runner) -> tuple[float | None, str]:
+    """Peak memory of one step in this process (CPU: VmHWM after a reset; CUDA: max allocated)."""
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner.step()
+        return (torch.cuda.max_memory_allocated() - before) / memory.MiB, "cuda.max_memory_allocated"
+    if not memory._reset_hwm():
+        runner.step()
+        return None, "unavailable"
+    before = (memory._status_kib("VmRSS") or 0) * 1024
+    runner.step()
+    hwm = memory._status_kib("VmHWM")
+    return (max(hwm * 1024 - before, 0) / memory.MiB if hwm else None), "VmHWM (reset) - VmRSS before, in-process"
+
+
+def test_step(benchmark, scenario: Scenario, models, dev, options):
+    s = scenario
+    if s.skip:
+        pytest.skip(f"{s.id}: {s.skip}")
+    if s.impl == "reference" and s.batch >= 256 and elapsed() > options["budget_s"]:
+        pytest.skip(f"{s.id}: time budget ({options['budget_s'] / 60:.0f} min) spent before this legacy case")
+    cfg = common.SHAPES[s.shape]
+    model = models.get(s.kind, s.shape)[s.impl]
+    inputs = common.inputs_to(common.make_inputs(s.kind, cfg, s.batch), dev)
+    runner = common.Runner(model, inputs, s.mode)
+    info = benchmark.extra_info
+    info.update({"scenario": "train_eval", "kind": s.kind, "shape": s.shape, "mode": s.mode, "batch": s.batch,
+                 "impl": s.impl, "group": s.group, "device": str(dev), "threads": torch.get_num_threads(),
+                 "rounds": s.rounds, "heavy": s.heavy})
+    if s.memory and options["memory_subprocess"]:
+        res = memory.measure({"kind": s.kind, "shape": s.shape, "impl": s.impl, "mode": s.mode, "batch": s.batch,
+                              "device": str(dev), "threads": torch.get_num_threads()})
+        if "error" in res:
+            info["mem_error"] = res["error"]
+            if s.heavy and "child died" in res["error"]:
+                pytest.skip(f"{s.id}: one step in a fresh process was killed ({res['error']}): not enough free "
+                            "memory on this machine for this legacy case; timing skipped to protect the run")
+        else:
+            info["mem_peak_mib"] = res["peak_mib"]
+            info["mem_method"] = "fresh process: " + res["method"]
+    if s.warmup == 0:
+        # the single timed round also gives the in-process memory peak (one legacy step is minutes long)
+        state = {}
+
+        def first():
+            if "mem" not in state:
+                state["mem"] = _peak_inprocess(runner)
+            else:
+                runner.step()
+
+        benchmark.pedantic(first, rounds=s.rounds, iterations=1, warmup_rounds=0)
+        peak, method = state["mem"]
+        info["mem_inprocess_mib"] = peak
+        info["mem_inprocess_method"] = method
+    else:
+        peak, method = _peak_inprocess(runner)  # also the first warm-up round
+        info["mem_inprocess_mib"] = peak
+        info["mem_inprocess_method"] = method
+        benchmark.pedantic(runner.step, rounds=s.rounds, iterations=1, warmup_rounds=max(s.warmup - 1, 0))
+    info["samples_per_s"] = s.batch / benchmark.stats.stats.mean

@@ -1,0 +1,303 @@
+"""``reports/benchmark/summary.md`` from the pytest-benchmark JSON: a table per scenario with
+reference, port and their ratio, the targets of issue 8, the machine, torch version and threads."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks import common
+
+TARGET_TRAIN_SPEEDUP = 10.0
+TARGET_MEM_RATIO = 0.25
+TARGET_ONNX_LATENCY_RATIO = 1 / 3
+
+
+def read_skips(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _rows(data: dict) -> list[dict]:
+    out = []
+    for b in data.get("benchmarks", []):
+        info = dict(b.get("extra_info", {}))
+        st = b["stats"]
+        info.update(mean=st["mean"], stddev=st["stddev"], min=st["min"], median=st["median"], rounds=st["rounds"],
+                    name=b["name"])
+        out.append(info)
+    return out
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} µs"
+    if x < 1:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x:.2f} s"
+
+
+def _fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _mem_pair(ref: dict | None, port: dict | None) -> tuple[float | None, float | None, str]:
+    """Peaks compared by the same method: fresh-process for both when both have it, else in-process."""
+    if ref and port and ref.get("mem_peak_mib") is not None and port.get("mem_peak_mib") is not None:
+        return ref["mem_peak_mib"], port["mem_peak_mib"], "fresh process"
+    r = ref.get("mem_inprocess_mib") if ref else None
+    p = port.get("mem_inprocess_mib") if port else None
+    if r is None and ref:
+        r = ref.get("mem_peak_mib")
+    if p is None and port:
+        p = port.get("mem_peak_mib")
+    return r, p, "in-process" if (r is not None or p is not None) else ""
+
+
+def _key(r: dict) -> tuple:
+    return (r.get("scenario"), r.get("kind"), r.get("shape"), r.get("mode"), r.get("batch"), r.get("precision"),
+            r.get("compiled"))
+
+
+def index(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    idx: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        idx[_key(r)][r["impl"]] = r
+    return idx
+
+
+def _skip_reason(skips: list[dict], kind, shape, mode, batch, impl) -> str | None:
+    frag = f"{kind}-{shape}-{mode}-b{batch}-{impl}"
+    for s in skips:
+        if frag in s["nodeid"] or s["reason"].startswith(frag):
+            return s["reason"].split(": ", 1)[-1]
+    return None
+
+
+def slower(rows: list[dict]) -> list[tuple[tuple, float, dict]]:
+    """(key, ratio ref/port, port row) for every scenario where the port's mean is above the reference's."""
+    out = []
+    for key, impls in index(rows).items():
+        ref, port = impls.get("reference"), impls.get("port")
+        if ref and port and port["mean"] > ref["mean"]:
+            out.append((key, ref["mean"] / port["mean"], port))
+        onnx = impls.get("port_onnx")
+        if ref and onnx and onnx["mean"] > ref["mean"]:
+            out.append((key, ref["mean"] / onnx["mean"], onnx))
+    return out
+
+
+def profile_slower(data: dict, quick: bool = False, limit: int = 4) -> dict[str, str]:
+    """torch.profiler top ops (self CPU time) of one port step, for scenarios where the port is slower."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    found = sorted(slower(_rows(data)), key=lambda t: (t[2].get("batch") or 0))
+    out: dict[str, str] = {}
+    for _key, _ratio, row in found:
+        if len(out) >= limit or row.get("impl") != "port" or row.get("scenario") not in ("train_eval", "latency"):
+            continue
+        kind, shape, mode, batch = row["kind"], row["shape"], row["mode"], row["batch"]
+        threads = torch.get_num_threads()
+        try:
+            if row["scenario"] == "latency":
+                torch.set_num_threads(1)
+            policy = common.SERVING_POLICY if row["scenario"] == "latency" else "random"
+            pair = common.build_pair(kind, common.SHAPES[shape], moe_eval_policy=policy)
+            tables = []
+            for impl in ("port", "reference"):
+                runner = common.Runner(pair[impl], common.make_inputs(kind, common.SHAPES[shape], batch), mode)
+                runner.step()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    runner.step()
+                tables.append(f"{impl}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8,
+                                                                        max_name_column_width=36))
+            out[row["name"]] = "\n".join(tables)
+        except Exception as exc:  # a hint only
+            out[row["name"]] = f"profiling failed: {type(exc).__name__}: {exc}"
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, profiles: dict | None = None,
+           stamp: str = "", argv: list[str] | None = None) -> str:
+    rows = _rows(data)
+    idx = index(rows)
+    m = common.machine_info()
+    threads = sorted({r.get("threads") for r in rows if r.get("threads")})
+    L: list[str] = []
+    L.append("# Benchmarks: reference (legacy) vs port" + (" — QUICK (tiny shapes, harness check only)" if quick else ""))
+    L.append("")
+    L.append(f"Run {stamp}, `python -m benchmarks {' '.join(argv or [])}`, wall time {wall_s / 60:.1f} min.")
+    L.append("")
+    L.append(f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
+             f"load average at the end {m.get('load_average_1m', '?')}; GPU: {m['cuda'] or 'none'}")
+    L.append(f"- torch {m['torch']}, onnxruntime {m['onnxruntime']}, Python {m['python']}; torch threads: "
+             f"{', '.join(str(t) for t in threads) or m['torch_threads']} (latency scenarios: 1)")
+    L.append("- Same weights (the legacy model built with seed "
+             f"{common.WEIGHT_SEED}, mapped to the port by `weight_map.legacy_to_port`) and the same generated inputs "
+             "(codes in range, left padding, times within ~1e7). Reference and port of a scenario run back to back; "
+             "only ratios carry from run to run on a shared machine.")
+    L.append("- Ratio columns: speedup = reference time / port time (> 1: port faster); memory = port peak / "
+             "reference peak (< 1: port smaller).")
+    L.append("")
+
+    # ---- targets
+    L.append("## Targets (issue 8)")
+    L.append("")
+    L.append("| target | measured | needed | status |")
+    L.append("|---|---|---|---|")
+    big = "small" if quick else "default"
+    bmax = max([r["batch"] for r in rows if r.get("scenario") == "train_eval"] or [0])
+    t = idx.get(("train_eval", "single", big, "train", bmax, None, None), {})
+    if "reference" in t and "port" in t:
+        sp = t["reference"]["mean"] / t["port"]["mean"]
+        L.append(f"| {big}-shape train step, batch {bmax}: speedup | {sp:.1f}x ({_fmt_s(t['reference']['mean'])} → "
+                 f"{_fmt_s(t['port']['mean'])}) | ≥ {TARGET_TRAIN_SPEEDUP:.0f}x | "
+                 f"{'met' if sp >= TARGET_TRAIN_SPEEDUP else 'NOT met'} |")
+    else:
+        L.append(f"| {big}-shape train step, batch {bmax}: speedup | not measured | ≥ 10x | — |")
+    for mode in ("train", "eval"):
+        t = idx.get(("train_eval", "single", big, mode, bmax, None, None), {})
+        r, p, how = _mem_pair(t.get("reference"), t.get("port"))
+        if r and p is not None:
+            ratio = p / r
+            L.append(f"| {big}-shape {mode}, batch {bmax}: port peak / reference peak ({how}) | {ratio:.3f} "
+                     f"({p:.0f} / {r:.0f} MiB) | ≤ 0.25 | {'met' if ratio <= TARGET_MEM_RATIO else 'NOT met'} |")
+        else:
+            L.append(f"| {big}-shape {mode}, batch {bmax}: memory ratio | not measured | ≤ 0.25 | — |")
+    prod = "small_plain" if quick else "production"
+    t = idx.get(("latency", "single", prod, "eval", 1, None, None), {})
+    if "reference" in t and "port_onnx" in t:
+        ratio = t["port_onnx"]["mean"] / t["reference"]["mean"]
+        L.append(f"| {prod}-shape batch-1 latency, 1 thread: ONNX Runtime / legacy eager | {ratio:.3f} "
+                 f"({_fmt_s(t['port_onnx']['mean'])} / {_fmt_s(t['reference']['mean'])}) | ≤ 0.333 | "
+                 f"{'met' if ratio <= TARGET_ONNX_LATENCY_RATIO else 'NOT met'} |")
+    else:
+        L.append(f"| {prod}-shape batch-1 latency: ONNX / legacy | not measured | ≤ 0.333 | — |")
+    sl = slower(rows)
+    if sl:
+        worst = min(sl, key=lambda x: x[1])
+        L.append(f"| port no slower in any scenario | slower in {len(sl)} scenario(s); worst "
+                 f"{worst[2]['name'].split('[')[-1].rstrip(']')} at {1 / worst[1]:.2f}x the reference's time | "
+                 "none slower | NOT met |")
+    else:
+        L.append("| port no slower in any scenario | none slower | none slower | met |")
+    L.append("")
+
+    # ---- train / eval tables
+    groups: dict[str, list] = defaultdict(list)
+    for key, impls in idx.items():
+        if key[0] == "train_eval":
+            groups[f"{key[3]} step, {key[1]}, {key[2]} shape" if key[3] == "train" else
+                   f"eval forward, {key[1]}, {key[2]} shape"].append((key, impls))
+    if groups:
+        L.append("## Train step (forward + backward + Adam) and eval forward")
+        L.append("")
+    for g in sorted(groups):
+        L.append(f"### {g}")
+        L.append("")
+        L.append("| batch | reference | port | speedup | ref samples/s | port samples/s | ref peak MiB | "
+                 "port peak MiB | memory port/ref | note |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for key, impls in sorted(groups[g], key=lambda kv: kv[0][4]):
+            ref, port = impls.get("reference"), impls.get("port")
+            kind, shape, mode, batch = key[1], key[2], key[3], key[4]
+            sp = ref["mean"] / port["mean"] if ref and port else None
+            r, p, how = _mem_pair(ref, port)
+            note = []
+            if ref is None:
+                note.append("reference skipped: " + (_skip_reason(skips, kind, shape, mode, batch, "reference") or "?"))
+            if ref and ref.get("rounds") == 1:
+                note.append("reference: 1 round")
+            if how == "in-process" and (r or p):
+                note.append("memory in-process")
+            L.append(f"| {batch} | {_fmt_s(ref and ref['mean'])} | {_fmt_s(port and port['mean'])} | "
+                     f"{_fmt(sp, '.2f', 'x')} | {_fmt(ref and ref.get('samples_per_s'), '.0f')} | "
+                     f"{_fmt(port and port.get('samples_per_s'), '.0f')} | {_fmt(r, '.0f')} | {_fmt(p, '.0f')} | "
+                     f"{_fmt(p / r if (r and p is not None) else None, '.3f')} | {'; '.join(note)} |")
+        L.append("")
+
+    # ---- latency
+    lat = [(k, v) for k, v in idx.items() if k[0] == "latency"]
+    if lat:
+        L.append("## Online scoring latency: batch 1, one thread")
+        L.append("")
+        L.append(f"Port with MoE eval policy `{common.SERVING_POLICY}` (deterministic; the legacy model flips coins). "
+                 "Mean (median) per call.")
+        L.append("")
+        L.append("| model | legacy eager | port eager | port ONNX Runtime | port/legacy | ONNX/legacy |")
+        L.append("|---|---|---|---|---|---|")
+        for key, impls in sorted(lat):
+            ref, port, onnx = impls.get("reference"), impls.get("port"), impls.get("port_onnx")
+            cell = lambda r: "—" if r is None else f"{_fmt_s(r['mean'])} ({_fmt_s(r['median'])})"  # noqa: E731
+            L.append(f"| {key[1]} {key[2]} | {cell(ref)} | {cell(port)} | {cell(onnx)} | "
+                     f"{_fmt(port['mean'] / ref['mean'] if ref and port else None, '.3f')} | "
+                     f"{_fmt(onnx['mean'] / ref['mean'] if ref and onnx else None, '.3f')} |")
+        L.append("")
+
+    # ---- GPU
+    gpu = [(k, v) for k, v in idx.items() if k[0] == "gpu"]
+    L.append("## GPU: fp32 / bf16-mixed, eager / torch.compile")
+    L.append("")
+    if not gpu:
+        L.append("Not run: no CUDA device on this machine.")
+        L.append("")
+    else:
+        L.append("Useful TFLOP/s = the port's FlopCounterMode count per step / time (the legacy count adds its dense "
+                 "dispatch einsums); MFU = useful FLOP/s / device peak.")
+        L.append("")
+        L.append("| scenario | batch | reference | port | speedup | port samples/s | ref TFLOP/s (useful) | "
+                 "port TFLOP/s | port MFU | ref peak MiB | port peak MiB |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for key, impls in sorted(gpu, key=lambda kv: tuple(str(x) for x in kv[0])):
+            ref, port = impls.get("reference"), impls.get("port")
+            pf = port.get("flops_per_step") if port else None
+            L.append(f"| {key[3]} {key[1]} {key[2]} {key[5]} {'compile' if key[6] else 'eager'} | {key[4]} | "
+                     f"{_fmt_s(ref and ref['mean'])} | {_fmt_s(port and port['mean'])} | "
+                     f"{_fmt(ref['mean'] / port['mean'] if ref and port else None, '.2f', 'x')} | "
+                     f"{_fmt(port and port.get('samples_per_s'), '.0f')} | "
+                     f"{_fmt(pf / ref['mean'] / 1e12 if (pf and ref) else None, '.2f')} | "
+                     f"{_fmt(pf / port['mean'] / 1e12 if (pf and port) else None, '.2f')} | "
+                     f"{_fmt(port.get('mfu') * 100 if port and port.get('mfu') else None, '.1f', '%')} | "
+                     f"{_fmt(ref and ref.get('mem_peak_mib'), '.0f')} | {_fmt(port and port.get('mem_peak_mib'), '.0f')} |")
+        L.append("")
+
+    # ---- slower / skipped / profiles
+    L.append("## Where the port is slower")
+    L.append("")
+    if not sl:
+        L.append("Nowhere: the port's mean time is at or below the reference's in every measured scenario.")
+    else:
+        L.append("Mean-time ratio, and the ratio of the fastest rounds (min), which is less sensitive to other "
+                 "load on a shared machine; a port slower by mean but not by min is likely noise.")
+        L.append("")
+        for key, ratio, row in sorted(sl, key=lambda x: x[1]):
+            ref = idx[key].get("reference")
+            by_min = row["min"] / ref["min"] if ref else None
+            L.append(f"- `{row['name'].split('[')[-1].rstrip(']')}`: {1 / ratio:.2f}x the reference's mean time "
+                     f"({_fmt_s(row['mean'])} vs {_fmt_s(row['mean'] * ratio)}); by min {_fmt(by_min, '.2f', 'x')}"
+                     + (" (likely noise)" if by_min is not None and by_min <= 1 else ""))
+    L.append("")
+    for name, table in (profiles or {}).items():
+        L.append(f"Profile (one step, torch.profiler, top ops by self CPU time) for `{name}`:")
+        L.append("")
+        L.append("```")
+        L.append(table.rstrip())
+        L.append("```")
+        L.append("")
+    L.append("## Skipped scenarios")
+    L.append("")
+    if not skips:
+        L.append("None.")
+    for s in skips:
+        L.append(f"- `{s['nodeid'].split('[')[-1].rstrip(']')}`: {s['reason']}")
+    L.append("")
+    L.append("Raw numbers: the pytest-benchmark JSON next to this file (also autosaved under `storage/` for "
+             "`--benchmark-compare`).")
+    return "\n".join(L) + "\n"
