@@ -124,7 +124,7 @@ def mapping_rows(kind: str) -> list[Row]:
 
 
 # --- pattern matching ------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(pattern: str, side: int) -> re.Pattern:
     out, pos = "", 0
     for m in re.finditer(r"\{(\w+)\}", pattern):

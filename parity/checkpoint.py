@@ -101,7 +101,13 @@ def _resume(case, ckpt_path: Path, training_file: Path):
 
 
 def check_checkpoint(ctx) -> list:
-    from lightning_port.convert import legacy_to_lightning, lightning_to_legacy, load_file, module_class, split_legacy
+    from lightning_port.convert import (
+        legacy_to_lightning,
+        lightning_to_legacy,
+        load_file,
+        module_class,
+        split_legacy,
+    )
 
     from .checks import adam_weights_comparison
 

@@ -361,7 +361,6 @@ def legacy_trajectory(legacy, batches: list[dict], kind: str, lr=TRAIN_LR, maxlr
     from reference.training import make_optimizer, set_loss, train_one_epoch
 
     from .rng import reseed_for_step
-
     from .tolerances import GradientNoiseRecorder
 
     optimizer, scheduler = make_optimizer(legacy, lr=lr, scheduler_maxlr=maxlr, max_epoch=total)
@@ -386,7 +385,6 @@ def port_trajectory(port, batches: list[dict], epochs=TRAIN_EPOCHS):
     from torch.utils.data import DataLoader
 
     from .rng import ReseedPerStep
-
     from .tolerances import GradientNoiseRecorder
 
     class _Noise(pl.Callback):

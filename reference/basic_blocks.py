@@ -5,7 +5,6 @@ every submodule and parameter is the legacy one: seeded initialisation depends o
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .mixture_of_experts import MoE

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _port_helpers import (
+    GRAD_ATOL_FLOOR,
+    GRAD_ATOL_SCALE,
+    GRAD_RTOL,
+    OUTPUT_TOL,
+    case_params,
+    forward_args,
+    loaded_network,
+    network_class,
+)
 
 from lightning_port.config import TSAConfig
 from lightning_port.losses import ASLSingleLabel, CyclicalFocalLoss, FocalLoss
 from lightning_port.weight_map import dropped_legacy_keys, legacy_to_port, port_to_legacy
-
-from _port_helpers import (GRAD_ATOL_FLOOR, GRAD_ATOL_SCALE, GRAD_RTOL, OUTPUT_TOL, case_params,
-                            forward_args, loaded_network, network_class)
 
 
 @pytest.mark.parametrize("case", case_params())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity.fixtures import load_case, LEGACY_DIR
+from parity.fixtures import LEGACY_DIR, load_case
 from reference import build_model
 from reference.losses import Cyclical_FocalLoss, FocalLoss
 from reference.training import (
