@@ -59,6 +59,8 @@ class MultiheadAttention(nn.Module):
         T, B, E = x.shape
         H, hd = self.num_heads, self.head_dim
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # (T, B, E) each
+        if self._can_fuse(attn_mask, time):
+            return self._fused(q, k, v, time, key_padding_mask)
         q = q * float(hd) ** -0.5
         # heads as nn.MultiheadAttention: (T, B, E) -> (B·H, T, hd), row b·H + h
         q = q.reshape(T, B * H, hd).transpose(0, 1)
@@ -78,6 +80,45 @@ class MultiheadAttention(nn.Module):
         weights = F.dropout(weights, p=self.dropout, training=self.training)
         out = torch.bmm(weights, v)  # (B·H, T, hd)
         out = out.transpose(0, 1).reshape(T * B, E)
+        return self.out_proj(out).view(T, B, E)
+
+
+    # exp(t_i/s) and exp(-t_j/s) stay finite and normal in float32 well below |t/s| = 80
+    _FUSE_MAX_SCALED_TIME = 80.0
+
+    def _can_fuse(self, attn_mask: Tensor | None, time: Tensor | None) -> bool:
+        """Eval (no dropout draws) and no explicit attn_mask: the fused kernel computes the same
+        function. Not while tracing/compiling (the time check below reads a value)."""
+        if (self.training and self.dropout > 0) or attn_mask is not None:
+            return False
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        if self.use_time:
+            if time is None:
+                return False
+            return bool(time.abs().max() < self._FUSE_MAX_SCALED_TIME * TIME_SCALE)
+        return True
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, time: Tensor | None,
+               key_padding_mask: Tensor | None) -> Tensor:
+        """Eval path on ``F.scaled_dot_product_attention``. The legacy time factor is separable,
+        ``exp((t_i - t_j)/s) = exp(t_i/s) · exp(-t_j/s)``, so ``alpha ⊙ (q·k)`` equals the plain
+        product of queries scaled by ``exp(t_i/s)`` and keys scaled by ``exp(-t_j/s)``; masked keys
+        stay at -inf either way (alpha > 0 and finite, guarded by :meth:`_can_fuse`)."""
+        T, B, E = q.shape
+        H, hd = self.num_heads, self.head_dim
+        q = q.reshape(T, B, H, hd).permute(1, 2, 0, 3)  # (B, H, T, hd)
+        k = k.reshape(T, B, H, hd).permute(1, 2, 0, 3)
+        v = v.reshape(T, B, H, hd).permute(1, 2, 0, 3)
+        if self.use_time:
+            t = (time[..., 0].transpose(0, 1) / TIME_SCALE)[:, None, :, None]  # (B, 1, T, 1)
+            q = q * torch.exp(t)
+            k = k * torch.exp(-t)
+        mask = None
+        if key_padding_mask is not None:
+            mask = torch.logical_not(key_padding_mask)[:, None, None, :]  # (B, 1, 1, T) True = keep
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        out = out.permute(2, 0, 1, 3).reshape(T * B, E)
         return self.out_proj(out).view(T, B, E)
 
 

@@ -38,6 +38,25 @@ class FeatureAggregation(nn.Module):
         """``x`` (..., n) -> (..., 1)."""
         return self.finish(self.layers[0](x))
 
+    def aggregate_codes(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0) -> Tensor:
+        """Categorical features: ``codes`` (B, L, n) int codes into ``table`` (N, D) -> (B, L, D).
+
+        The lookup is done in the transposed table so the gathered values come out feature-last,
+        ``(D, B·L, n)``: the first Linear is then one plain matmul over the feature axis and the
+        remaining layers act on ``(D·B·L, k)`` rows -- no permuted copy of the ``(B, L, n, D)``
+        embeddings. Row ``padding_idx`` is read but gets no gradient (``F.embedding`` semantics).
+        """
+        *lead, n = codes.shape
+        D = table.shape[1]
+        if padding_idx is not None and table.requires_grad:
+            p = padding_idx % table.shape[0]
+            table = torch.cat([table[:p], table[p: p + 1].detach(), table[p + 1:]])
+        gathered = table.t().contiguous().index_select(1, codes.reshape(-1))  # (D, B·L·n)
+        first = self.layers[0]
+        h = torch.addmm(first.bias, gathered.view(-1, n), first.weight.t())  # (D·B·L, n//2)
+        out = self.finish(h).view(D, -1)  # (D, B·L)
+        return out.t().reshape(*lead, D)
+
     def project_embeddings(self, codes_or_values: Tensor, rows: Tensor, values: Tensor | None = None
                            ) -> Tensor:
         """Aggregate embedded features without materialising the permuted (B, L, D, n) copy.

@@ -64,8 +64,7 @@ class OrderAttentionModule(nn.Module):
         ``time_seq`` (B, L, 1); ``key_padding_mask`` (B, L+1), True = ignore; ``row_mask`` (B,)
         bool: rows forming the MoE group (all rows when None)."""
         B, L, _ = x_cat.shape
-        cat = F.embedding(x_cat.long(), table, padding_idx=0)  # (B, L, n_cat, D)
-        cat = self.aggregate_cat.project_embeddings(None, cat)  # (B, L, D)
+        cat = self.aggregate_cat.aggregate_codes(x_cat.long(), table, padding_idx=0)  # (B, L, D)
         num = self.aggregate_num.project_embeddings(None, numerical_rows(table, self.n_num), x_num)
         x = torch.cat([cat, num], dim=-1).transpose(0, 1)  # (L, B, E)
         x = self.input_norm(x)
