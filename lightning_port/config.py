@@ -1,7 +1,7 @@
 """Typed, validated configuration of the TSA networks.
 
 Field names are the legacy hyperparameter names (``train.py`` / the legacy constructors), so a
-legacy ``hparams.json`` maps onto :class:`TSAConfig` without renaming. Two options are new:
+legacy ``hparams.json`` maps onto :class:`TSAConfig` without renaming. Three options are new:
 
 - ``moe_eval_policy``: how a mixture-of-experts layer picks the second expert in eval mode.
   ``"random"`` is the legacy behaviour (a coin flip per token, so eval outputs depend on the RNG).
@@ -12,7 +12,13 @@ legacy ``hparams.json`` maps onto :class:`TSAConfig` without renaming. Two optio
 - ``batch_invariant``: eval-mode MoE without an expert-capacity limit, so a row's score does not
   depend on the other rows of its batch. Needs a deterministic ``moe_eval_policy``.
 
-Both only change eval mode; training is always the legacy function.
+These two only change eval mode; training is always the legacy function.
+
+- ``activation_checkpointing``: run every attention layer (order, feature and gate stacks) under
+  ``torch.utils.checkpoint`` in training, recomputing its activations in backward with the RNG
+  state replayed (same dropout masks and coin flips). Same values, gradients and RNG consumption;
+  less training memory for more time. No effect in eval, under tracing/export or compilation.
+
 Impossible combinations raise :class:`ValueError` with one sentence at construction.
 """
 
@@ -48,10 +54,14 @@ class TSAConfig:
     use_time_seq: bool = True
     moe_eval_policy: str = "random"
     batch_invariant: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        value = self.activation_checkpointing
+        if not isinstance(value, (bool, int)) or value not in (0, 1):
+            raise ValueError(f"activation_checkpointing must be a bool, got {value!r}.")
         # Normalise the legacy 0/1 integer flags to bools (the legacy scripts pass both).
-        for name in ("use_moe", "use_time_seq", "batch_invariant"):
+        for name in ("use_moe", "use_time_seq", "batch_invariant", "activation_checkpointing"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "emb_tbl_use_bias", int(bool(self.emb_tbl_use_bias)))
         self._validate()

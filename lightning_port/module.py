@@ -79,6 +79,7 @@ class _TSAModule(L.LightningModule):
         use_time_seq: bool = True,
         moe_eval_policy: str = "random",
         batch_invariant: bool = False,
+        activation_checkpointing: bool = False,
         card_rows: str = "subset",
         lr: float = 1e-5,
         scheduler_maxlr: float = 1e-3,

@@ -9,6 +9,53 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LEAKY_SLOPE = 0.01
+# Training memory: the recomputed aggregation chains are re-run in backward in slices of the
+# embedding dimension D (every (d, row) is aggregated independently), each slice's working set
+# about this many bytes of first-layer input.
+RECOMPUTE_CHUNK_BYTES = 64 << 20
+
+
+class _SlicedRecompute(torch.autograd.Function):
+    """Output ``fn(*inputs)`` computed once without storing any intermediate; in backward the
+    function is re-run slice by slice along D (``fn(*inputs, d_slice=(a, b))`` gives the output's
+    slice ``a:b`` along ``dim``) and each slice's gradients are accumulated into the inputs'.
+
+    The forward value is exactly ``fn(*inputs)``. The gradients are those of the stored path up to
+    fp32 summation order (weight gradients are summed slice by slice). No random numbers are drawn.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, dim: int, n_slices: int, *inputs):
+        ctx.fn, ctx.dim, ctx.n_slices = fn, dim, n_slices
+        # the recomputation runs under the forward's autocast state (as torch.utils.checkpoint)
+        device = inputs[-1].device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                        torch.is_autocast_cache_enabled())
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        leaves = [x.detach().requires_grad_(True) if need else x.detach()
+                  for x, need in zip(inputs, needs)]
+        wanted = [x for x, need in zip(leaves, needs) if need]
+        size = grad.shape[ctx.dim]
+        step = -(-size // ctx.n_slices)
+        device, enabled, dtype, cache = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache):
+            for a in range(0, size, step):
+                b = min(a + step, size)
+                out = ctx.fn(*leaves, d_slice=(a, b))
+                torch.autograd.backward(out, grad.narrow(ctx.dim, a, b - a), inputs=wanted)
+        return (None, None, None, *[x.grad if need else None for x, need in zip(leaves, needs)])
+
+
+def _leaky(h: Tensor) -> Tensor:
+    # in place when nothing is recorded (same values; one buffer fewer at the peak)
+    inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+    return F.leaky_relu(h, LEAKY_SLOPE, inplace=inplace)
 
 
 class FeatureAggregation(nn.Module):
@@ -37,6 +84,35 @@ class FeatureAggregation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` (..., n) -> (..., 1)."""
         return self.finish(self.layers[0](x))
+
+    def _params(self) -> list[Tensor]:
+        return [t for layer in self.layers for t in (layer.weight, layer.bias)]
+
+    @staticmethod
+    def _finish(h: Tensor, params) -> Tensor:
+        for i in range(2, len(params), 2):
+            h = F.linear(_leaky(h), params[i], params[i + 1])
+        return h
+
+    def aggregate_codes_recomputed(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0) -> Tensor:
+        """:meth:`aggregate_codes` with nothing stored for backward but its inputs (training
+        memory); the chain is recomputed in backward in slices of D. Same forward value."""
+        *lead, n = codes.shape
+        D = table.shape[1]
+        n_slices = max(1, -(-(D * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
+        pad = None if padding_idx is None else padding_idx % table.shape[0]
+        fn = lambda idx, tbl, *params, d_slice=None: _codes_chain(idx, tbl, params, pad, d_slice)  # noqa: E731
+        out = _SlicedRecompute.apply(fn, 0, min(n_slices, D), codes.reshape(-1), table, *self._params())
+        return out.t().reshape(*lead, D)
+
+    def project_embeddings_recomputed(self, rows: Tensor, values: Tensor) -> Tensor:
+        """Numerical :meth:`project_embeddings` with nothing stored for backward but its inputs;
+        recomputed in backward in slices of D. Same forward value."""
+        n, D = rows.shape
+        n_slices = max(1, -(-(values.numel() // n * D * self.layers[0].out_features * values.element_size())
+                            // RECOMPUTE_CHUNK_BYTES))
+        fn = lambda r, v, *params, d_slice=None: _numerical_chain(r, v, params, d_slice)  # noqa: E731
+        return _SlicedRecompute.apply(fn, -1, min(n_slices, D), rows, values, *self._params())
 
     def aggregate_codes(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0) -> Tensor:
         """Categorical features: ``codes`` (B, L, n) int codes into ``table`` (N, D) -> (B, L, D).
@@ -72,6 +148,34 @@ class FeatureAggregation(nn.Module):
             fused = (rows[:, :, None] * first.weight.t()[:, None, :]).reshape(n, -1)  # (n, D·n//2)
             h = (values.reshape(-1, n) @ fused).view(*values.shape[:-1], D, first.out_features) + first.bias
         return self.finish(h)[..., 0]  # (B, L, D)
+
+
+def _codes_chain(idx: Tensor, table: Tensor, params, pad: int | None, d_slice=None) -> Tensor:
+    """Categorical chain of :meth:`FeatureAggregation.aggregate_codes` on flat codes ``idx``
+    (B·L·n,), with explicit parameters; returns (D, B·L), or rows ``a:b`` of it for ``d_slice``."""
+    w0, b0 = params[0], params[1]
+    n = w0.shape[1]
+    if pad is not None and table.requires_grad and torch.is_grad_enabled():
+        table = torch.cat([table[:pad], table[pad: pad + 1].detach(), table[pad + 1:]])
+    tt = table.t()
+    if d_slice is not None:
+        tt = tt[d_slice[0]: d_slice[1]]
+    gathered = tt.contiguous().index_select(1, idx)  # (d, B·L·n)
+    h = torch.addmm(b0, gathered.view(-1, n), w0.t())  # (d·B·L, n//2)
+    del gathered
+    return FeatureAggregation._finish(h, params).view(tt.shape[0], -1)  # (d, B·L)
+
+
+def _numerical_chain(rows: Tensor, values: Tensor, params, d_slice=None) -> Tensor:
+    """Numerical chain of :meth:`FeatureAggregation.project_embeddings` with explicit parameters;
+    ``rows`` (n, D), ``values`` (B, L, n) -> (B, L, D), or its slice ``a:b`` along D."""
+    w0, b0 = params[0], params[1]
+    if d_slice is not None:
+        rows = rows[:, d_slice[0]: d_slice[1]]
+    n, D = rows.shape
+    fused = (rows[:, :, None] * w0.t()[:, None, :]).reshape(n, -1)  # (n, d·n//2)
+    h = (values.reshape(-1, n) @ fused).view(*values.shape[:-1], D, w0.shape[0]) + b0
+    return FeatureAggregation._finish(h, params)[..., 0]
 
 
 class FeedForward(nn.Module):

@@ -28,14 +28,16 @@ def _order_stack(cfg: TSAConfig) -> OrderAttentionModule:
     return OrderAttentionModule(
         cfg.n_cat_features, cfg.n_num_features, cfg.dim_embedding_table, cfg.dim_attn_feedforward,
         cfg.num_heads, cfg.dropout, cfg.n_layers_order, cfg.use_moe, cfg.num_experts, cfg.use_time_seq,
-        bool(cfg.emb_tbl_use_bias), cfg.moe_eval_policy, cfg.batch_invariant)
+        bool(cfg.emb_tbl_use_bias), cfg.moe_eval_policy, cfg.batch_invariant,
+        activation_checkpointing=cfg.activation_checkpointing)
 
 
 def _feature_stack(cfg: TSAConfig) -> FeatureAttentionModule:
     return FeatureAttentionModule(
         cfg.n_cat_features, cfg.n_num_features, cfg.n_engineered_num_features, cfg.dim_embedding_table,
         cfg.dim_attn_feedforward, cfg.num_heads, cfg.dropout, cfg.n_layers_feature, cfg.use_moe,
-        cfg.num_experts, bool(cfg.emb_tbl_use_bias), cfg.moe_eval_policy, cfg.batch_invariant)
+        cfg.num_experts, bool(cfg.emb_tbl_use_bias), cfg.moe_eval_policy, cfg.batch_invariant,
+        activation_checkpointing=cfg.activation_checkpointing)
 
 
 def _embedding(rows: int, dim: int) -> nn.Embedding:
@@ -96,7 +98,8 @@ class DualSequenceNetwork(nn.Module):
         self.gate_embedding = _embedding(cfg.n_embedding + 2, GATE_EMBEDDING_DIM)
         self.gate_order = OrderAttentionModule(
             cfg.n_cat_features, cfg.n_num_features, GATE_EMBEDDING_DIM, GATE_FEEDFORWARD, 1, cfg.dropout,
-            1, use_moe=False, num_experts=1, use_time=False, emb_tbl_use_bias=bool(cfg.emb_tbl_use_bias))
+            1, use_moe=False, num_experts=1, use_time=False, emb_tbl_use_bias=bool(cfg.emb_tbl_use_bias),
+            activation_checkpointing=cfg.activation_checkpointing)
         self.gate_head = ClassifierHead(4 * GATE_EMBEDDING_DIM, GATE_HIDDEN, 2, cfg.dropout)
         self.embedding_engineered = _embedding(cfg.n_engineered_num_features + 1, D)
         self.features = _feature_stack(cfg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionLayerPostNorm, AttentionLayerPreNorm
 from .blocks import FeatureAggregation, FeedForward
@@ -18,6 +19,34 @@ def numerical_rows(table: Tensor, n_num: int) -> Tensor:
     ``n_embedding - n_num + 1 + j`` (the table has n_embedding + 2 rows). Returns (n_num, D)."""
     n_embedding = table.shape[0] - 2
     return table[n_embedding - n_num + 1: n_embedding + 1]
+
+
+# Training-memory switch: recompute the embedding + FeatureAggregation chains of the order stack in
+# backward (in slices of D, see FeatureAggregation.aggregate_codes_recomputed) instead of keeping
+# their activations (the gathered (D, B·L, n_cat) embeddings, every layer's output and LeakyReLU).
+# Those chains draw no random numbers: the forward value is the same and the gradients equal the
+# stored path's up to fp32 summation order; only time is spent (a second forward of the chains).
+# Module-level so tests and benchmarks can compare against the stored-activation path.
+RECOMPUTE_AGGREGATION = True
+
+
+def checkpointing_active(module: nn.Module) -> bool:
+    """Whether activation recomputation may be used: training with autograd on, and not while
+    tracing, scripting or compiling (export and ``torch.compile`` see the plain computation)."""
+    return (module.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
+
+
+def run_layers(layers: nn.ModuleList, x: Tensor, *args, recompute: bool) -> Tensor:
+    """Apply ``layers`` in turn; with ``recompute`` each under ``torch.utils.checkpoint`` with the
+    RNG state preserved, so the recomputation in backward replays the same dropout masks and MoE
+    coin flips and leaves the global generator where the plain forward + backward leaves it."""
+    for layer in layers:
+        if recompute:
+            x = checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=True)
+        else:
+            x = layer(x, *args)
+    return x
 
 
 def make_feedforward(width: int, hidden: int, dropout: float, use_moe: bool, num_experts: int,
@@ -38,10 +67,12 @@ class OrderAttentionModule(nn.Module):
 
     def __init__(self, n_cat: int, n_num: int, dim: int, hidden: int, num_heads: int, dropout: float,
                  n_layers: int, use_moe: bool, num_experts: int, use_time: bool, emb_tbl_use_bias: bool,
-                 eval_policy: str = "random", batch_invariant: bool = False):
+                 eval_policy: str = "random", batch_invariant: bool = False,
+                 activation_checkpointing: bool = False):
         super().__init__()
         width = 2 * dim
         self.n_cat, self.n_num, self.use_time = n_cat, n_num, use_time
+        self.activation_checkpointing = bool(activation_checkpointing)
         # creation order = legacy order (seeded construction draws the same numbers)
         self.dummy_token = nn.Parameter(torch.rand(1, width))
         self.input_norm = nn.LayerNorm(width)
@@ -64,8 +95,15 @@ class OrderAttentionModule(nn.Module):
         ``time_seq`` (B, L, 1); ``key_padding_mask`` (B, L+1), True = ignore; ``row_mask`` (B,)
         bool: rows forming the MoE group (all rows when None)."""
         B, L, _ = x_cat.shape
-        cat = self.aggregate_cat.aggregate_codes(x_cat.long(), table, padding_idx=0)  # (B, L, D)
-        num = self.aggregate_num.project_embeddings(None, numerical_rows(table, self.n_num), x_num)
+        active = checkpointing_active(self)
+        codes = x_cat.long()
+        rows = numerical_rows(table, self.n_num)
+        if active and RECOMPUTE_AGGREGATION:  # no random draws inside: recomputed in backward
+            cat = self.aggregate_cat.aggregate_codes_recomputed(codes, table, padding_idx=0)
+            num = self.aggregate_num.project_embeddings_recomputed(rows, x_num)
+        else:
+            cat = self.aggregate_cat.aggregate_codes(codes, table, padding_idx=0)  # (B, L, D)
+            num = self.aggregate_num.project_embeddings(None, rows, x_num)  # (B, L, D)
         x = torch.cat([cat, num], dim=-1).transpose(0, 1)  # (L, B, E)
         x = self.input_norm(x)
         x = torch.cat([x, self.dummy_token.expand(1, B, -1)], dim=0)  # (L+1, B, E), dummy last
@@ -73,8 +111,8 @@ class OrderAttentionModule(nn.Module):
         time = None
         if self.use_time:
             time = F.pad(time_seq.reshape(B, L, 1), (0, 0, 0, 1)).transpose(0, 1)  # (L+1, B, 1)
-        for layer in self.layers:
-            x = layer(x, time, attn_mask, key_padding_mask, row_mask)
+        x = run_layers(self.layers, x, time, attn_mask, key_padding_mask, row_mask,
+                       recompute=active and self.activation_checkpointing)
         if return_seq:
             return x.transpose(0, 1)  # (B, L+1, E)
         return x[-1]  # (B, E)
@@ -91,9 +129,11 @@ class FeatureAttentionModule(nn.Module):
 
     def __init__(self, n_cat: int, n_num: int, n_eng: int, dim: int, hidden: int, num_heads: int,
                  dropout: float, n_layers: int, use_moe: bool, num_experts: int, emb_tbl_use_bias: bool,
-                 eval_policy: str = "random", batch_invariant: bool = False):
+                 eval_policy: str = "random", batch_invariant: bool = False,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.n_cat, self.n_num, self.n_eng = n_cat, n_num, n_eng
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.layers = nn.ModuleList(
             AttentionLayerPreNorm(dim, num_heads, dropout,
                                   lambda: make_feedforward(dim, hidden, dropout, use_moe, num_experts,
@@ -127,6 +167,5 @@ class FeatureAttentionModule(nn.Module):
         parts.append(summary)
         x = torch.cat(parts, dim=1).transpose(0, 1)  # (T, B, D), T = n_cat + n_num + n_eng + 1
         x = self.token_norm(x)
-        for layer in self.layers:
-            x = layer(x)
+        x = run_layers(self.layers, x, recompute=self.activation_checkpointing and checkpointing_active(self))
         return x[-1]  # (B, D)
