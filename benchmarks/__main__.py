@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_activation_checkpointing.jsonl").unlink(missing_ok=True)  # appended to by this run
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = out / ("benchmark-quick.json" if args.quick else "benchmark.json")
     budget = args.budget_minutes if args.budget_minutes is not None else (10.0 if args.quick else 26.0)
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(json_path.read_text())
         skips = summary.read_skips(out / "skips.jsonl")
         profiles = {} if args.no_profile else summary.profile_slower(data, quick=args.quick)
+        ckpt = summary.read_skips(out / "memory_activation_checkpointing.jsonl")  # JSON lines, like the skips
         text = summary.render(data, skips, wall, quick=args.quick, profiles=profiles, stamp=stamp,
-                              argv=argv if argv is not None else sys.argv[1:])
+                              argv=argv if argv is not None else sys.argv[1:], checkpointing=ckpt)
         (out / "summary.md").write_text(text)
         print(f"\nwrote {out / 'summary.md'} and {json_path} ({wall / 60:.1f} min)")
     else:

@@ -7,7 +7,9 @@ under the same machine load. CPU: batch 1 / 64 / 256 / 1024; CUDA: 1024 / 4096 /
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,23 @@ def test_step(benchmark, scenario: Scenario, models, dev, options):
         info["mem_inprocess_method"] = method
         benchmark.pedantic(runner.step, rounds=s.rounds, iterations=1, warmup_rounds=max(s.warmup - 1, 0))
     info["samples_per_s"] = s.batch / benchmark.stats.stats.mean
+
+
+CHECKPOINTING_SIDECAR = "memory_activation_checkpointing.jsonl"
+
+
+@pytest.mark.parametrize("batch", [256, 1024])
+def test_port_memory_with_activation_checkpointing(batch, dev, options, pytestconfig):
+    """Peak memory of one default-shape train step of the port with ``activation_checkpointing=True``
+    (opt-in: each attention layer recomputed in backward, dropout and MoE draws replayed), in a fresh
+    process; written beside the benchmark JSON for the summary."""
+    if options["quick"] or dev.type != "cpu" or not options["memory_subprocess"]:
+        pytest.skip("memory-only CPU scenario of the full run")
+    res = memory.measure({"kind": "single", "shape": "default", "impl": "port", "mode": "train", "batch": batch,
+                          "device": str(dev), "threads": torch.get_num_threads(),
+                          "port_options": {"activation_checkpointing": True}})
+    out = Path(pytestconfig.getoption("--skip-log")).parent / CHECKPOINTING_SIDECAR
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps({"batch": batch, **res}) + "\n")
+    assert "error" not in res, res["error"]

@@ -104,25 +104,25 @@ def port_class(kind: str):
 
 
 def build_port(kind: str, cfg: dict, legacy_state: dict[str, Tensor] | None = None,
-               moe_eval_policy: str = "random") -> torch.nn.Module:
+               moe_eval_policy: str = "random", **port_options) -> torch.nn.Module:
     """The port LightningModule carrying the legacy model's weights (legacy -> port weight map)."""
     from lightning_port.weight_map import legacy_to_port
 
     if legacy_state is None:
         legacy_state = build_reference(kind, cfg).state_dict()
-    module = port_class(kind)(**cfg, moe_eval_policy=moe_eval_policy)
+    module = port_class(kind)(**cfg, moe_eval_policy=moe_eval_policy, **port_options)
     module.network.load_state_dict(legacy_to_port(legacy_state, module.config, kind))
     return module
 
 
-def build_pair(kind: str, cfg: dict, which: str = "both", moe_eval_policy: str = "random"):
+def build_pair(kind: str, cfg: dict, which: str = "both", moe_eval_policy: str = "random", **port_options):
     """``which`` = reference | port | both -> dict of models (the port always on the reference weights)."""
     ref = build_reference(kind, cfg)
     out = {}
     if which in ("reference", "both"):
         out["reference"] = ref
     if which in ("port", "both"):
-        out["port"] = build_port(kind, cfg, ref.state_dict(), moe_eval_policy)
+        out["port"] = build_port(kind, cfg, ref.state_dict(), moe_eval_policy, **port_options)
     return out
 
 

@@ -45,7 +45,8 @@ def _child(spec: dict[str, Any], queue) -> None:
         torch.set_num_threads(spec["threads"])
         dev = torch.device(spec["device"])
         cfg = common.SHAPES[spec["shape"]]
-        models = common.build_pair(spec["kind"], cfg, which=spec["impl"], moe_eval_policy=spec.get("policy", "random"))
+        models = common.build_pair(spec["kind"], cfg, which=spec["impl"], moe_eval_policy=spec.get("policy", "random"),
+                                   **spec.get("port_options", {}))
         model = models[spec["impl"]].to(dev)
         inputs = common.inputs_to(common.make_inputs(spec["kind"], cfg, spec["batch"]), dev)
         runner = common.Runner(model, inputs, spec["mode"])

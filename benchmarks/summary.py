@@ -125,7 +125,7 @@ def profile_slower(data: dict, quick: bool = False, limit: int = 4) -> dict[str,
 
 
 def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, profiles: dict | None = None,
-           stamp: str = "", argv: list[str] | None = None) -> str:
+           stamp: str = "", argv: list[str] | None = None, checkpointing: list[dict] | None = None) -> str:
     rows = _rows(data)
     idx = index(rows)
     m = common.machine_info()
@@ -171,6 +171,20 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
                      f"({p:.0f} / {r:.0f} MiB) | ≤ 0.25 | {'met' if ratio <= TARGET_MEM_RATIO else 'NOT met'} |")
         else:
             L.append(f"| {big}-shape {mode}, batch {bmax}: memory ratio | not measured | ≤ 0.25 | — |")
+    for rec in checkpointing or []:
+        t = idx.get(("train_eval", "single", big, "train", rec["batch"], None, None), {})
+        r, _, how = _mem_pair(t.get("reference"), t.get("port"))
+        if "peak_mib" not in rec:
+            L.append(f"| {big}-shape train, batch {rec['batch']}, port with `activation_checkpointing=True` | "
+                     f"not measured ({rec.get('error', '?')}) | ≤ 0.25 | — |")
+        elif r:
+            ratio = rec["peak_mib"] / r
+            L.append(f"| {big}-shape train, batch {rec['batch']}: port with `activation_checkpointing=True` / reference "
+                     f"| {ratio:.3f} ({rec['peak_mib']:.0f} / {r:.0f} MiB) | ≤ 0.25 | "
+                     f"{'met' if ratio <= TARGET_MEM_RATIO else 'NOT met'} |")
+        else:
+            L.append(f"| {big}-shape train, batch {rec['batch']}: port with `activation_checkpointing=True` | "
+                     f"{rec['peak_mib']:.0f} MiB; reference not measured (see skips) | ≤ 0.25 | — |")
     prod = "small_plain" if quick else "production"
     t = idx.get(("latency", "single", prod, "eval", 1, None, None), {})
     if "reference" in t and "port_onnx" in t:
