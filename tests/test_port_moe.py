@@ -114,3 +114,24 @@ def test_dual_masked_card_path_equals_subset_path(case, policy):
         b, eb = masked(*forward_args(case))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ea, eb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_experts", [1, 2, 3])
+def test_output_memory_layout_matches_legacy_so_dropout_masks_line_up(num_experts):
+    """The dropout after the MoE draws its mask in memory order: with one expert the legacy einsum returns a
+    (T, d, B)-ordered tensor, so the port must hand dropout the same layout (found by the parity suite)."""
+    from reference.mixture_of_experts import MoE
+
+    from lightning_port.nn.moe import MixtureOfExperts
+
+    legacy = MoE(dim=8, num_experts=num_experts, hidden_dim=4).train()
+    port = MixtureOfExperts(8, 4, num_experts).train()
+    port.w_gate.data = legacy.gate.w_gating.data.clone()
+    port.w1.data, port.w2.data = legacy.experts.w1.data.clone(), legacy.experts.w2.data.clone()
+    x = torch.randn(3, 5, 8)
+    torch.manual_seed(1)
+    a = torch.nn.functional.dropout(legacy(x)[0], 0.5)
+    torch.manual_seed(1)
+    b = torch.nn.functional.dropout(port(x), 0.5)
+    assert a.stride() == b.stride()
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -135,7 +135,12 @@ class MixtureOfExperts(nn.Module):
         hidden = torch.relu(torch.bmm(expert_in, self.w1))  # (e, T·slots, F)
         expert_out = torch.bmm(hidden, self.w2).reshape(trash, d)
         expert_out = torch.cat([expert_out, expert_out.new_zeros(1, d)])  # trash slot -> 0
-        return g1[..., None] * expert_out[s1] + g2[..., None] * expert_out[s2]  # (T, B, d)
+        out = g1[..., None] * expert_out[s1] + g2[..., None] * expert_out[s2]  # (T, B, d)
+        if e == 1:
+            # legacy quirk: with one expert the legacy einsum returns a (T, d, B)-ordered tensor, and the
+            # dropout that follows draws its mask in memory order; match the layout so the masks line up
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        return out
 
 
 def _uniform_last_dim(t: Tensor) -> Tensor:
