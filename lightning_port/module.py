@@ -80,6 +80,7 @@ class _TSAModule(L.LightningModule):
         moe_eval_policy: str = "random",
         batch_invariant: bool = False,
         activation_checkpointing: bool = False,
+        fused_eval_attention: bool = False,
         card_rows: str = "subset",
         lr: float = 1e-5,
         scheduler_maxlr: float = 1e-3,

@@ -60,6 +60,15 @@ def port_kwargs(legacy_kwargs: dict, kind: str) -> dict:
     return kw
 
 
+# Full-size stacks (6 + 6 attention layers of width 256 / 128, LayerNorm after each): fp32 rounding of the
+# two implementations' different summation orders accumulates to a few 1e-5 relative on O(1) outputs (worst
+# seen 2.1e-5 abs on 0.56). Held to the tolerance issues 2 and 3 set for recorded outputs.
+_FULL_REASON = ("12 attention layers at full width: fp32 rounding accumulates across the stack; the recording "
+                "tolerance of issues 2/3 (atol 1e-5, rtol 1e-4)")
+FULL_SIZE_OUTPUTS = {check: Tolerance(1e-4, 1e-5, _FULL_REASON)
+                     for check in ("init.outputs", "forward.eval_outputs", "gradient.train_outputs")}
+
+
 @dataclass(frozen=True)
 class ParityCase:
     kind: str  # "single" | "dual"
@@ -119,15 +128,17 @@ CASES: list[ParityCase] = [
     ParityCase("single", "tiny-plain", _named("tiny-plain"), weight=0.3,
                notes="no MoE, no time, no bias, 3 classes, 4 heads"),
     ParityCase("single", "default", _named("default"), max_batch=S.MAX_BATCH_FULL, weight=0.15, full_size=True,
+               tolerance_overrides=FULL_SIZE_OUTPUTS,
                notes="legacy default: D 128, 6+6 layers, 5 experts, 53/47 features (4.07M parameters)"),
     ParityCase("single", "production", _named("production"), max_batch=S.MAX_BATCH_FULL, weight=0.15,
-               full_size=True, notes="suspect-queue production shape: D 64, F 256, 6+4 layers, no MoE"),
+               full_size=True, tolerance_overrides=FULL_SIZE_OUTPUTS, notes="suspect-queue production shape: D 64, F 256, 6+4 layers, no MoE"),
     ParityCase("dual", "drawn", lambda: S.model_configs("dual"), weight=0.8,
                notes="small configurations; seq_len 51 included so the empty-card literal applies"),
     ParityCase("dual", "tiny", lambda: st.just(S.ModelConfig(_dual(TINY_DUAL), "tiny")), weight=0.3,
                notes="seq_len 51, MoE, empty and full card histories"),
     ParityCase("dual", "default", lambda: st.just(S.ModelConfig(_dual(DEFAULT), "default")),
-               max_batch=S.MAX_BATCH_FULL, weight=0.1, full_size=True, notes="legacy default configuration"),
+               max_batch=S.MAX_BATCH_FULL, weight=0.1, full_size=True, tolerance_overrides=FULL_SIZE_OUTPUTS,
+               notes="legacy default configuration"),
 ]
 
 

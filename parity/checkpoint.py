@@ -61,7 +61,7 @@ def _resume(case, ckpt_path: Path, training_file: Path):
     from reference import build_model
     from reference.training import make_optimizer, train_one_epoch
 
-    from .checks import _fixture_batch, _noise_as_legacy
+    from .checks import _fixture_batch, _noise_as_legacy, gradient_noise_callback
     from .rng import ReseedPerStep
     from .tolerances import GradientNoiseRecorder
 
@@ -90,14 +90,15 @@ def _resume(case, ckpt_path: Path, training_file: Path):
     cb = ReseedPerStep()
     trainer = pl.Trainer(max_epochs=int(torch.load(ckpt_path, weights_only=False)["epoch"]) + 1, accelerator="cpu",
                          devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[cb])
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         callbacks=[cb, gradient_noise_callback(module)])
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False), ckpt_path=str(ckpt_path))
     drop = set(dropped_legacy_keys(module.config, case.kind))
     port_final = {k: v for k, v in port_to_legacy(module.network.state_dict(), module.config, case.kind).items()
                   if k not in drop}
     legacy_final = {k: v for k, v in legacy.state_dict().items() if k not in drop}
     return (cb.losses, cb.lrs, port_final), (legacy_losses, legacy_lrs, legacy_final), _noise_as_legacy(
-        module, case.kind, noise.state_masks())
+        module, case.kind, noise)
 
 
 def check_checkpoint(ctx) -> list:

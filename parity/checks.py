@@ -364,7 +364,7 @@ def legacy_trajectory(legacy, batches: list[dict], kind: str, lr=TRAIN_LR, maxlr
     from .tolerances import GradientNoiseRecorder
 
     optimizer, scheduler = make_optimizer(legacy, lr=lr, scheduler_maxlr=maxlr, max_epoch=total)
-    noise = GradientNoiseRecorder(legacy, optimizer)
+    noise = GradientNoiseRecorder(legacy, optimizer)  # returned: _noise_as_legacy reads its masks and gradients
     loss_fn = set_loss("CrossEntropyLoss")
     losses, lrs = [], []
 
@@ -376,7 +376,22 @@ def legacy_trajectory(legacy, batches: list[dict], kind: str, lr=TRAIN_LR, maxlr
         losses += train_one_epoch(legacy, batches, optimizer, loss_fn, epoch, kind, before_step=before,
                                   step_offset=epoch * len(batches))
         scheduler.step()
-    return losses, lrs, legacy.state_dict(), noise.state_masks()
+    return losses, lrs, legacy.state_dict(), noise
+
+
+def gradient_noise_callback(port):
+    """A Lightning callback recording the port's per-step gradients into ``port.noise_recorder``."""
+    import lightning.pytorch as pl
+
+    from .tolerances import GradientNoiseRecorder
+
+    port.noise_recorder = GradientNoiseRecorder(port.network)
+
+    class _Noise(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            port.noise_recorder._record(optimizer)
+
+    return _Noise()
 
 
 def port_trajectory(port, batches: list[dict], epochs=TRAIN_EPOCHS):
@@ -385,36 +400,39 @@ def port_trajectory(port, batches: list[dict], epochs=TRAIN_EPOCHS):
     from torch.utils.data import DataLoader
 
     from .rng import ReseedPerStep
-    from .tolerances import GradientNoiseRecorder
 
-    class _Noise(pl.Callback):
-        """Records the port side's rounding-level gradient elements (see ``tolerances.ADAM_REASON``)."""
-
-        recorder = GradientNoiseRecorder(port.network)
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.recorder._record(optimizer)
-
-    cb, noise = ReseedPerStep(), _Noise()
+    cb = ReseedPerStep()
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[cb, noise])
+                         limit_val_batches=0, callbacks=[cb, gradient_noise_callback(port)])
     trainer.fit(port, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
-    port.noise_masks = noise.recorder.state_masks()  # port names; see _noise_as_legacy
     return cb.losses, cb.lrs, port.network.state_dict()
 
 
-def _noise_as_legacy(port, kind, legacy_noisy: dict) -> dict:
-    """Union of the legacy side's and the port side's rounding-level elements, under legacy keys."""
+def _noise_as_legacy(port, kind, legacy) -> dict:
+    """Elements allowed to differ after Adam (``tolerances.ADAM_REASON``), under legacy keys: rounding-level
+    gradients on either side, and gradients whose legacy and port values of some step disagree relatively."""
     from lightning_port.weight_map import port_to_legacy
 
-    port_masks = getattr(port, "noise_masks", {})
-    full = {k: port_masks.get(k, torch.zeros_like(v, dtype=torch.bool)).float()
-            for k, v in port.network.state_dict().items()}
-    mapped = {k: v > 0.5 for k, v in port_to_legacy(full, port.config, kind).items()}
-    keys = set(mapped) | set(legacy_noisy)
-    return {k: mapped.get(k, torch.zeros((), dtype=torch.bool)) | legacy_noisy.get(k, torch.zeros((), dtype=torch.bool))
-            for k in keys}
+    from .tolerances import STEP_GRAD_RTOL
+
+    template = port.network.state_dict()
+
+    def as_legacy(by_port_key: dict) -> dict:
+        full = {k: by_port_key.get(k, torch.zeros_like(v)).to(v.dtype) for k, v in template.items()}
+        return port_to_legacy(full, port.config, kind)
+
+    port_rec = port.noise_recorder
+    masks = {k: v > 0.5 for k, v in as_legacy({k: m.float() for k, m in port_rec.state_masks().items()}).items()}
+    for k, m in legacy.state_masks().items():
+        masks[k] = masks[k] | m if k in masks else m
+    for gl_step, gp_step in zip(legacy.step_grads(), port_rec.step_grads()):
+        gp_legacy = as_legacy(gp_step)
+        for k, gl in gl_step.items():
+            if k in gp_legacy:
+                disagree = (gp_legacy[k] - gl).abs() > STEP_GRAD_RTOL * gl.abs()
+                masks[k] = masks[k] | disagree if k in masks else disagree
+    return masks
 
 
 def _port_final_as_legacy(port, kind, final):

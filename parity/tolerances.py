@@ -56,13 +56,15 @@ OVERRIDES: dict[str, Tolerance] = {
 # gradient was at rounding level in some step on the legacy side (see ``GradientNoiseRecorder``) and it stays
 # within Adam's step bound sum(lr).
 NOISE_REL = 1e-5
+STEP_GRAD_RTOL = 1e-3  # the gradient category's rtol: per-step gradients agreeing to it cannot drift apart
 ADAM_REASON = (
     "Adam divides by sqrt(v): an element whose gradient is at rounding level in some step (the attention key "
     "bias and the gate columns of unselected experts, whose gradients are analytically zero; a ReLU unit at its "
     "boundary) moves by up to lr either way, so ulp-level gradient differences become lr-sized weight "
     f"differences. Only elements whose gradient was nonzero but <= {NOISE_REL:g} x the tensor's max |grad| in "
-    "some step (on either side) may differ, and by at most sum(lr) (the Adam step bound); every other element "
-    "is held to the output tolerance."
+    f"some step (on either side), or whose legacy and port gradients of some step differ by more than "
+    f"{STEP_GRAD_RTOL:g} relative (rounding-dominated, e.g. a cancelling sum), may differ, and by at most sum(lr) "
+    "(the Adam step bound); every other element is held to the output tolerance."
 )
 
 
@@ -76,29 +78,37 @@ class GradientNoiseRecorder:
         self.model = model
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.masks: dict[str, torch.Tensor] = {}
+        self.steps: list[dict[str, torch.Tensor]] = []  # each step's gradients, by parameter name
         if optimizer is not None:
             optimizer.register_step_pre_hook(self._record)
 
     def _record(self, optimizer, args=(), kwargs=None) -> None:
+        self.steps.append({})
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None or p.grad.numel() == 0 or id(p) not in self.names:
                     continue
+                name = self.names[id(p)]
+                self.steps[-1][name] = p.grad.detach().clone()
                 g = p.grad.detach().abs()
                 noisy = (g > 0) & (g <= NOISE_REL * g.max())
-                name = self.names[id(p)]
                 self.masks[name] = self.masks[name] | noisy if name in self.masks else noisy
 
-    def state_masks(self) -> dict[str, torch.Tensor]:
-        """The masks under every state_dict key (shared tables appear under several keys)."""
-        params = dict(self.model.named_parameters())
-        by_ptr = {p.data_ptr(): n for n, p in params.items()}
+    def _by_key(self, by_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``by_name`` under every state_dict key (shared tables appear under several keys)."""
+        by_ptr = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         out = {}
         for key, value in self.model.state_dict().items():
             name = by_ptr.get(value.data_ptr())
-            if name in self.masks:
-                out[key] = self.masks[name]
+            if name in by_name:
+                out[key] = by_name[name]
         return out
+
+    def state_masks(self) -> dict[str, torch.Tensor]:
+        return self._by_key(self.masks)
+
+    def step_grads(self) -> list[dict[str, torch.Tensor]]:
+        return [self._by_key(step) for step in self.steps]
 
 
 def tolerance_for(check: str, dtype: torch.dtype = torch.float32) -> Tolerance:

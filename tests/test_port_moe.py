@@ -135,3 +135,27 @@ def test_output_memory_layout_matches_legacy_so_dropout_masks_line_up(num_expert
     b = torch.nn.functional.dropout(port(x), 0.5)
     assert a.stride() == b.stride()
     torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in case_params() if not c.values[0].full_size])
+def test_fused_eval_attention_is_opt_in_and_computes_the_same_function(case, monkeypatch):
+    """``fused_eval_attention=True`` routes eval attention through SDPA with the separable time factor;
+    off by default. Both give the same scores to fp32 rounding."""
+    import lightning_port.nn.attention as attention
+    from lightning_port import DualSequenceTSA, TemporalSelfAttentionClassification
+    from lightning_port.weight_map import legacy_to_port
+
+    fx = case
+    cls = TemporalSelfAttentionClassification if fx.kind == "single" else DualSequenceTSA
+    calls = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for fused in (False, True):
+        m = cls(**fx.kwargs, fused_eval_attention=fused).eval()
+        m.network.load_state_dict(legacy_to_port(fx.state_dict, m.config, fx.kind))
+        with torch.no_grad():
+            torch.manual_seed(7)
+            out[fused] = m(*forward_args(fx))[0]
+        assert bool(calls) == fused
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-4)

@@ -86,10 +86,12 @@ class MultiheadAttention(nn.Module):
     # exp(t_i/s) and exp(-t_j/s) stay finite and normal in float32 well below |t/s| = 80
     _FUSE_MAX_SCALED_TIME = 80.0
 
+    fused_eval = False  # set from TSAConfig.fused_eval_attention by the networks
+
     def _can_fuse(self, attn_mask: Tensor | None, time: Tensor | None) -> bool:
-        """Eval (no dropout draws) and no explicit attn_mask: the fused kernel computes the same
-        function. Not while tracing/compiling (the time check below reads a value)."""
-        if (self.training and self.dropout > 0) or attn_mask is not None:
+        """Opted in, eval (no dropout draws) and no explicit attn_mask: the fused kernel computes the
+        same function. Not while tracing/compiling (the time check below reads a value)."""
+        if not self.fused_eval or (self.training and self.dropout > 0) or attn_mask is not None:
             return False
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False

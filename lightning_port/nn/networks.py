@@ -40,6 +40,14 @@ def _feature_stack(cfg: TSAConfig) -> FeatureAttentionModule:
         activation_checkpointing=cfg.activation_checkpointing)
 
 
+def _set_fused_eval_attention(network: nn.Module, on: bool) -> None:
+    from .attention import MultiheadAttention
+
+    for m in network.modules():
+        if isinstance(m, MultiheadAttention):
+            m.fused_eval = bool(on)
+
+
 def _embedding(rows: int, dim: int) -> nn.Embedding:
     return nn.Embedding(rows, dim, padding_idx=0)
 
@@ -61,6 +69,7 @@ class SingleSequenceNetwork(nn.Module):
         self.features = _feature_stack(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = ClassifierHead(E + D, CLF_HIDDEN, cfg.n_classes, cfg.dropout)
+        _set_fused_eval_attention(self, cfg.fused_eval_attention)
 
     def forward(self, x_cat: Tensor, x_num: Tensor, x_engineered: Tensor | None, time_seq: Tensor,
                 attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None
@@ -106,6 +115,7 @@ class DualSequenceNetwork(nn.Module):
         self.ensemble_norm = nn.LayerNorm(E)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = ClassifierHead(E + D, CLF_HIDDEN, cfg.n_classes, cfg.dropout)
+        _set_fused_eval_attention(self, cfg.fused_eval_attention)
 
     def gate(self, x_seq_cat_cid, x_seq_num_cid, x_seq_cat_ccid, x_seq_num_ccid, attn_mask=None,
              key_padding_mask_cid=None, key_padding_mask_ccid=None) -> Tensor:
