@@ -120,9 +120,8 @@ def test_dual_masked_card_path_equals_subset_path(case, policy):
 def test_output_memory_layout_matches_legacy_so_dropout_masks_line_up(num_experts):
     """The dropout after the MoE draws its mask in memory order: with one expert the legacy einsum returns a
     (T, d, B)-ordered tensor, so the port must hand dropout the same layout (found by the parity suite)."""
-    from reference.mixture_of_experts import MoE
-
     from lightning_port.nn.moe import MixtureOfExperts
+    from reference.mixture_of_experts import MoE
 
     legacy = MoE(dim=8, num_experts=num_experts, hidden_dim=4).train()
     port = MixtureOfExperts(8, 4, num_experts).train()
