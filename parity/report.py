@@ -130,6 +130,20 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
     md.append("")
     md.append("Tolerance: an element passes when |port − legacy| ≤ atol + rtol·|legacy|. `examples` counts "
               "hypothesis examples (including shrink replays) or fixed cases.")
+    md += ["", "## Summary", "", "| category | checks passed | examples | worst abs err | worst rel err | models | result |",
+           "|---|---:|---:|---:|---:|---|---|"]
+    for cat in CATEGORIES:
+        rows = [r for r in records if r.category == cat]
+        if not rows:
+            md.append(f"| {cat} | 0/0 | 0 | – | – | – | not run |")
+            continue
+        ok = sum(r.passed for r in rows)
+        models = sorted({r.model.split(":")[0] for r in rows})
+        result = ("pass" if ok == len(rows) else
+                  "not yet covered" if all(r.status == "not covered" for r in rows if not r.passed) else "**FAIL**")
+        md.append(f"| {cat} | {ok}/{len(rows)} | {sum(r.examples for r in rows)} | "
+                  f"{_fmt(max(r.max_abs_err for r in rows))} | {_fmt(max(r.max_rel_err for r in rows))} | "
+                  f"{', '.join(models)} | {result} |")
     for cat in CATEGORIES:
         rows = [r for r in records if r.category == cat]
         md += ["", f"## {cat}", ""]
