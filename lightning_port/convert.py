@@ -201,21 +201,14 @@ def legacy_param_names(legacy_sd: Mapping[str, Tensor], config, kind: str) -> li
 def legacy_key_to_port(key: str, rows=None, kind: str | None = None) -> str | None:
     """The port network key of a legacy key from the weight-map table (None: dropped)."""
     wm = _weight_map()
-    rows = rows if rows is not None else wm.mapping_rows(kind)
-    hit = wm._match(rows, key, 0)
-    if hit is None:
-        raise ConvertError(f"legacy key {key} is not in the weight map")
-    row, groups = hit
-    if row.dropped:
-        return None
-    if row.duplicate:
-        return row.port[1:]
-    return wm._fill(row.port, groups, 2)
+    try:
+        return wm.lookup_legacy_key(key, kind, rows)[1]
+    except wm.WeightMapError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _row_transform(key: str, rows):
-    row, _ = _weight_map()._match(rows, key, 0)
-    return row.transform
+    return _weight_map().lookup_legacy_key(key, rows=rows)[0].transform
 
 
 def nonfinite_keys(sd: Mapping[str, Tensor]) -> list[str]:

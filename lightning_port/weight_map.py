@@ -272,3 +272,17 @@ def port_to_legacy(port_sd: Mapping[str, Tensor], config: TSAConfig, kind: str |
         else:
             out[key] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
     return {k: out[k] for k in expected}  # legacy key order
+
+
+def lookup_legacy_key(key: str, kind: str | None = None, rows: list[Row] | None = None) -> tuple[Row, str | None]:
+    """The table row of a legacy key and its port key (None when the legacy parameter is dropped)."""
+    rows = rows if rows is not None else mapping_rows(kind)
+    hit = _match(rows, key, 0)
+    if hit is None:
+        raise WeightMapError(f"legacy key {key} is not in the weight map")
+    row, groups = hit
+    if row.dropped:
+        return row, None
+    if row.duplicate:
+        return row, row.port[1:]
+    return row, _fill(row.port, groups, 2)
