@@ -38,8 +38,9 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         p = torch.softmax(logits, dim=1)
+        log_p = torch.log_softmax(logits, dim=1)  # legacy: log_softmax, finite where softmax underflows to 0
         onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype) + FOCAL_TARGET_EPS
-        loss = (onehot * (-self.alpha * (1 - p).pow(self.gamma) * torch.log(p))).sum(dim=1)
+        loss = (onehot * (-self.alpha * (1 - p).pow(self.gamma) * log_p)).sum(dim=1)
         return _reduce(loss, self.reduction)
 
 
