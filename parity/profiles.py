@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, Phase, settings
 
 # examples per (check, case) at weight 1.0; cases scale this by their weight (full-size ones are costly)
-BASE_EXAMPLES = {"parity": 36, "deep": 150, "quick": 3}
+BASE_EXAMPLES = {"parity": 100, "deep": 500, "quick": 3}
 
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
