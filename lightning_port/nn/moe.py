@@ -131,11 +131,13 @@ class MixtureOfExperts(nn.Module):
         source = source.scatter(0, s1.reshape(-1), tokens.reshape(-1))
         source = source.scatter(0, s2.reshape(-1), tokens.reshape(-1))
         x_flat = torch.cat([x.reshape(T * B, d), x.new_zeros(1, d)])  # row T·B is a zero token
-        expert_in = x_flat[source[:trash]].view(e, T * slots, d)
+        # index_select, not advanced indexing: its backward is an index_add, far cheaper than index_put
+        expert_in = x_flat.index_select(0, source[:trash]).view(e, T * slots, d)
         hidden = torch.relu(torch.bmm(expert_in, self.w1))  # (e, T·slots, F)
         expert_out = torch.bmm(hidden, self.w2).reshape(trash, d)
         expert_out = torch.cat([expert_out, expert_out.new_zeros(1, d)])  # trash slot -> 0
-        out = g1[..., None] * expert_out[s1] + g2[..., None] * expert_out[s2]  # (T, B, d)
+        take = lambda s: expert_out.index_select(0, s.reshape(-1)).view(T, B, d)  # noqa: E731
+        out = g1[..., None] * take(s1) + g2[..., None] * take(s2)  # (T, B, d)
         if e == 1:
             # legacy quirk: with one expert the legacy einsum returns a (T, d, B)-ordered tensor, and the
             # dropout that follows draws its mask in memory order; match the layout so the masks line up
