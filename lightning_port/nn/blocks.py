@@ -124,10 +124,10 @@ class FeatureAggregation(nn.Module):
         """
         *lead, n = codes.shape
         D = table.shape[1]
-        if padding_idx is not None and table.requires_grad:
+        if padding_idx is not None and table.requires_grad and torch.is_grad_enabled():
             p = padding_idx % table.shape[0]
             table = torch.cat([table[:p], table[p: p + 1].detach(), table[p + 1:]])
-        gathered = table.t().contiguous().index_select(1, codes.reshape(-1))  # (D, B·L·n)
+        gathered = _gather_feature_last(table, codes.reshape(-1))  # (D, B·L·n)
         first = self.layers[0]
         h = torch.addmm(first.bias, gathered.view(-1, n), first.weight.t())  # (D·B·L, n//2)
         out = self.finish(h).view(D, -1)  # (D, B·L)
@@ -157,13 +157,21 @@ def _codes_chain(idx: Tensor, table: Tensor, params, pad: int | None, d_slice=No
     n = w0.shape[1]
     if pad is not None and table.requires_grad and torch.is_grad_enabled():
         table = torch.cat([table[:pad], table[pad: pad + 1].detach(), table[pad + 1:]])
-    tt = table.t()
     if d_slice is not None:
-        tt = tt[d_slice[0]: d_slice[1]]
-    gathered = tt.contiguous().index_select(1, idx)  # (d, B·L·n)
+        table = table[:, d_slice[0]: d_slice[1]]
+    gathered = _gather_feature_last(table, idx)  # (d, B·L·n)
+    d = gathered.shape[0]
     h = torch.addmm(b0, gathered.view(-1, n), w0.t())  # (d·B·L, n//2)
     del gathered
-    return FeatureAggregation._finish(h, params).view(tt.shape[0], -1)  # (d, B·L)
+    return FeatureAggregation._finish(h, params).view(d, -1)  # (d, B·L)
+
+
+def _gather_feature_last(table: Tensor, idx: Tensor) -> Tensor:
+    """``table[idx].T`` as a contiguous (D, len(idx)) tensor, copying whichever is smaller: the gathered rows
+    (small batches, e.g. online scoring) or the transposed table (large batches)."""
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and idx.numel() < table.shape[0]:
+        return table.index_select(0, idx).t().contiguous()  # a shape-dependent choice: never inside a graph
+    return table.t().contiguous().index_select(1, idx)
 
 
 def _numerical_chain(rows: Tensor, values: Tensor, params, d_slice=None) -> Tensor:
