@@ -144,7 +144,7 @@ def test_aggregation_chain_directly_recomputed_equals_stored(n_cat, n_num, slice
             num = order.aggregate_num.project_embeddings_recomputed(rows, x_num)
         else:
             cat = order.aggregate_cat.aggregate_codes(codes, table, padding_idx=0)
-            num = order.aggregate_num.project_embeddings(None, rows, x_num)
+            num = order.aggregate_num.project_embeddings(rows, x_num)
         out = torch.cat([cat, num], -1)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         params = [*order.aggregate_cat.parameters(), *order.aggregate_num.parameters()]

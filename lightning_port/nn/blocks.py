@@ -63,8 +63,8 @@ class FeatureAggregation(nn.Module):
     between them, applied along the feature axis (legacy ``FeatureAggregation``).
 
     For n < 32 some widths are 0 and the output is the last bias alone (earlier layers get zero
-    gradients) -- legacy behaviour, kept. :meth:`project_embeddings` fuses the first Linear with
-    the embedding lookup.
+    gradients) -- legacy behaviour, kept. :meth:`aggregate_codes` and :meth:`project_embeddings`
+    fuse the first Linear with the embedding lookup.
     """
 
     def __init__(self, n_features: int):
@@ -75,15 +75,9 @@ class FeatureAggregation(nn.Module):
             warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
             self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
 
-    def finish(self, h: Tensor) -> Tensor:
-        """Apply layers 1..5 to the first layer's output ``h`` (..., n//2) -> (..., 1)."""
-        for layer in self.layers[1:]:
-            h = layer(F.leaky_relu(h, LEAKY_SLOPE))
-        return h
-
     def forward(self, x: Tensor) -> Tensor:
         """``x`` (..., n) -> (..., 1)."""
-        return self.finish(self.layers[0](x))
+        return self._finish(self.layers[0](x), self._params())
 
     def _params(self) -> list[Tensor]:
         return [t for layer in self.layers for t in (layer.weight, layer.bias)]
@@ -122,32 +116,16 @@ class FeatureAggregation(nn.Module):
         remaining layers act on ``(D·B·L, k)`` rows -- no permuted copy of the ``(B, L, n, D)``
         embeddings. Row ``padding_idx`` is read but gets no gradient (``F.embedding`` semantics).
         """
-        *lead, n = codes.shape
-        D = table.shape[1]
-        if padding_idx is not None and table.requires_grad and torch.is_grad_enabled():
-            p = padding_idx % table.shape[0]
-            table = torch.cat([table[:p], table[p: p + 1].detach(), table[p + 1:]])
-        gathered = _gather_feature_last(table, codes.reshape(-1))  # (D, B·L·n)
-        first = self.layers[0]
-        h = torch.addmm(first.bias, gathered.view(-1, n), first.weight.t())  # (D·B·L, n//2)
-        out = self.finish(h).view(D, -1)  # (D, B·L)
-        return out.t().reshape(*lead, D)
+        *lead, _ = codes.shape
+        pad = None if padding_idx is None else padding_idx % table.shape[0]
+        out = _codes_chain(codes.reshape(-1), table, self._params(), pad)  # (D, B·L)
+        return out.t().reshape(*lead, table.shape[1])
 
-    def project_embeddings(self, codes_or_values: Tensor, rows: Tensor, values: Tensor | None = None
-                           ) -> Tensor:
-        """Aggregate embedded features without materialising the permuted (B, L, D, n) copy.
-
-        Categorical: ``codes_or_values`` (B, L, n) int codes, ``rows`` the table (N, D).
-        Numerical: ``values`` (B, L, n), ``rows`` (n, D) the numerical rows. Returns (B, L, D).
-        """
-        first = self.layers[0]
-        if values is None:  # categorical: `rows` is the gathered (B, L, n, D); contract n in place
-            h = torch.matmul(first.weight, rows).transpose(-1, -2) + first.bias  # (B, L, D, n//2)
-        else:  # numerical: Σ_j x_j · row_j[d] · W[g, j], fused into one (n, D·g) matrix
-            n, D = rows.shape
-            fused = (rows[:, :, None] * first.weight.t()[:, None, :]).reshape(n, -1)  # (n, D·n//2)
-            h = (values.reshape(-1, n) @ fused).view(*values.shape[:-1], D, first.out_features) + first.bias
-        return self.finish(h)[..., 0]  # (B, L, D)
+    def project_embeddings(self, rows: Tensor, values: Tensor) -> Tensor:
+        """Numerical features without materialising the permuted (B, L, D, n) copy: the first Linear is
+        fused with the rows, Σ_j x_j · row_j[d] · W[g, j] as one (n, D·g) matrix. ``rows`` (n, D) the
+        numerical rows of the table, ``values`` (B, L, n) -> (B, L, D)."""
+        return _numerical_chain(rows, values, self._params())
 
 
 def _codes_chain(idx: Tensor, table: Tensor, params, pad: int | None, d_slice=None) -> Tensor:

@@ -103,7 +103,7 @@ class OrderAttentionModule(nn.Module):
             num = self.aggregate_num.project_embeddings_recomputed(rows, x_num)
         else:
             cat = self.aggregate_cat.aggregate_codes(codes, table, padding_idx=0)  # (B, L, D)
-            num = self.aggregate_num.project_embeddings(None, rows, x_num)  # (B, L, D)
+            num = self.aggregate_num.project_embeddings(rows, x_num)  # (B, L, D)
         x = torch.cat([cat, num], dim=-1).transpose(0, 1)  # (L, B, E)
         x = self.input_norm(x)
         x = torch.cat([x, self.dummy_token.expand(1, B, -1)], dim=0)  # (L+1, B, E), dummy last
