@@ -15,23 +15,9 @@ from pathlib import Path
 import torch
 
 from . import profiles  # noqa: F401  (registers the hypothesis profiles)
-from .cases import CASES, case
-from .checks import (
-    RunContext,
-    check_fixtures,
-    check_forward,
-    check_gradient,
-    check_init,
-    check_loss,
-    check_metrics,
-    check_onnx,
-    check_structure,
-    check_training,
-)
-from .report import run_meta, write_reports
+from .checks import RunContext, groups
+from .report import CATEGORIES, run_meta, write_reports
 
-TRAINING_CASES = ("single:tiny", "single:tiny-plain", "single:drawn", "dual:tiny")
-ONNX_CASES = ("single:tiny", "single:tiny-plain", "dual:tiny")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
@@ -47,8 +33,7 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     started = time.time()
     ctx = RunContext(profile=args.profile)
-    want = set(args.only or ["structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx",
-                             "checkpoint", "findings", "fixtures"])
+    want = set(args.only or [*CATEGORIES, "findings", "fixtures"])
     records = []
 
     def run(label, fn, *a):
@@ -60,27 +45,9 @@ def main(argv=None) -> int:
         print(f"[{time.time() - started:6.0f}s] {label}: {len(out) - len(bad)}/{len(out)} passed", flush=True)
         records.extend(out)
 
-    for c in CASES:
-        for cat, fn in (("structure", check_structure), ("init", check_init), ("forward", check_forward),
-                        ("gradient", check_gradient)):
-            if cat in want:
-                run(f"{cat} {c.model}", fn, c, ctx)
-    if "fixtures" in want:
-        run("recorded fixtures", check_fixtures, ctx)
-    if "loss" in want:
-        run("loss", check_loss, ctx)
-    if "training" in want:
-        for m in TRAINING_CASES:
-            run(f"training {m}", check_training, case(m), ctx)
-    if "metrics" in want:
-        run("metrics", check_metrics, ctx)
-    if "onnx" in want:
-        for m in ONNX_CASES:
-            run(f"onnx {m}", check_onnx, case(m), ctx)
-    if "checkpoint" in want:
-        from .checkpoint import check_checkpoint
-
-        run("checkpoint (every legacy file format)", check_checkpoint, ctx)
+    for g in groups():
+        if g.category in want:
+            run(g.label, g.run, ctx)
     found = []
     if "findings" in want:
         from .findings import findings

@@ -17,9 +17,9 @@ import torch
 
 from parity.fixtures import all_cases, forward_args
 
-from .compare import compare
-from .report import CheckRecord
-from .tolerances import ADAM_REASON, EXACT, Tolerance, tolerance_for
+from ..compare import compare
+from ..report import CheckRecord
+from ..tolerances import ADAM_REASON, EXACT, Tolerance, tolerance_for
 
 FORMATS = ("model.pt", "ddp_checkpoint.pt", "train_checkpoint.pt", "model_legacy_format.pt")
 
@@ -61,9 +61,10 @@ def _resume(case, ckpt_path: Path, training_file: Path):
     from reference import build_model
     from reference.training import make_optimizer, train_one_epoch
 
-    from .checks import _fixture_batch, _noise_as_legacy, gradient_noise_callback
-    from .rng import ReseedPerStep
-    from .tolerances import GradientNoiseRecorder
+    from ..rng import ReseedPerStep
+    from ..tolerances import GradientNoiseRecorder
+    from .recorded import _fixture_batch
+    from .training import _noise_as_legacy, gradient_noise_callback
 
     ck = torch.load(training_file, map_location="cpu", weights_only=True)
     steps_done = len(case.trajectory["loss"])
@@ -110,7 +111,7 @@ def check_checkpoint(ctx) -> list:
         split_legacy,
     )
 
-    from .checks import adam_weights_comparison
+    from .training import adam_weights_comparison
 
     records = []
     for case in all_cases():

@@ -1,0 +1,78 @@
+"""The parity properties, one module per claim category, all driven by the case registry.
+
+Each ``check_<category>(case, ctx)`` (or ``check_<category>(ctx)`` for categories that are not per
+case) returns :class:`~parity.report.CheckRecord` s. Properties run under hypothesis
+(``@given(data=st.data())``, see :mod:`parity.checks.base`); an example's comparisons are added to the
+records, and a failing comparison raises :class:`~parity.checks.base.ParityFailure` so hypothesis shrinks
+it and the report keeps the (shrunk) reproducer: seed, config and input recipe.
+
+:func:`groups` is the run plan of ``python -m parity``: one :class:`Group` per printed line, in order. A
+new category is a new module here plus its lines in :func:`groups` (and its name in
+:data:`parity.report.CATEGORIES`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from ..cases import CASES, case
+from ..report import CheckRecord
+from .base import ParityFailure, RunContext, run_property
+from .checkpoint import check_checkpoint
+from .forward import check_forward
+from .gradient import check_gradient
+from .init import check_init
+from .loss import check_loss
+from .metrics import check_metrics
+from .onnxrt import check_onnx
+from .recorded import check_fixtures
+from .structure import check_structure
+from .training import check_training
+
+__all__ = [
+    "Group",
+    "ParityFailure",
+    "RunContext",
+    "check_checkpoint",
+    "check_fixtures",
+    "check_forward",
+    "check_gradient",
+    "check_init",
+    "check_loss",
+    "check_metrics",
+    "check_onnx",
+    "check_structure",
+    "check_training",
+    "groups",
+    "run_property",
+]
+
+TRAINING_CASES = ("single:tiny", "single:tiny-plain", "single:drawn", "dual:tiny")
+ONNX_CASES = ("single:tiny", "single:tiny-plain", "dual:tiny")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One line of a parity run: the category it is selected by (``--only``), its label, and the call."""
+
+    category: str
+    label: str
+    run: Callable[[RunContext], list[CheckRecord]]
+
+
+def groups() -> list[Group]:
+    """The run plan, in order: the per-case categories case by case, then the others."""
+    out: list[Group] = []
+    for c in CASES:
+        for cat, fn in (("structure", check_structure), ("init", check_init), ("forward", check_forward),
+                        ("gradient", check_gradient)):
+            out.append(Group(cat, f"{cat} {c.model}", partial(fn, c)))
+    out.append(Group("fixtures", "recorded fixtures", check_fixtures))
+    out.append(Group("loss", "loss", check_loss))
+    out += [Group("training", f"training {m}", partial(check_training, case(m))) for m in TRAINING_CASES]
+    out.append(Group("metrics", "metrics", check_metrics))
+    out += [Group("onnx", f"onnx {m}", partial(check_onnx, case(m))) for m in ONNX_CASES]
+    out.append(Group("checkpoint", "checkpoint (every legacy file format)", check_checkpoint))
+    return out
