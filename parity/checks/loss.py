@@ -36,9 +36,9 @@ def _loss_pairs(d):
 def check_loss(ctx: RunContext) -> list[CheckRecord]:
     """Every loss's value and input-gradient, every reduction: ``reference.losses`` (and legacy
     ``set_loss``) vs ``lightning_port.losses`` (and ``build_loss``)."""
+    from .. import strategies as S
     from ..cases import CASES
     from ..tolerances import tolerance_for
-    from .. import strategies as S
 
     case0 = CASES[0]
     tol = tolerance_for("loss.value")

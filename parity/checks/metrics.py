@@ -36,9 +36,9 @@ def check_metrics(ctx: RunContext) -> list[CheckRecord]:
 
     from reference import training as R
 
+    from .. import strategies as S
     from ..cases import CASES
     from ..tolerances import tolerance_for
-    from .. import strategies as S
 
     case0 = CASES[0]
     tol = tolerance_for("metrics.auroc")
@@ -94,9 +94,9 @@ def _auroc_end_to_end(ctx: RunContext) -> CheckRecord:
 
     from reference.training import evaluate, legacy_auc
 
+    from .. import strategies as S
     from ..cases import case as get_case
     from ..tolerances import tolerance_for
-    from .. import strategies as S
 
     tol = tolerance_for("metrics.auroc")
     rec = CheckRecord.new("metrics.val_auroc_end_to_end", "metrics", "single:tiny-plain", tol,

@@ -32,8 +32,8 @@ def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
         from ..report import not_covered
 
         return [not_covered("onnx", case.model, f"lightning_port.export not importable: {e}")]
-    from ..cases import NAMED_CONFIGS
     from .. import strategies as S
+    from ..cases import NAMED_CONFIGS
 
     kw = dict(NAMED_CONFIGS["tiny-dual" if case.model == "dual:tiny" else case.config_id])
     if case.kind == "dual":
