@@ -24,7 +24,7 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit tests of every package (fast; small model configurations)."""
-    install(session, "test,onnx")
+    install(session, "test,onnx,bench")  # bench: tests/test_benchmarks_quick.py runs python -m benchmarks --quick
     session.run("pytest", *session.posargs)
 
 
@@ -38,7 +38,7 @@ def parity(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def benchmark(session: nox.Session) -> None:
-    """Side-by-side speed and memory, reference vs port; writes reports/benchmark/."""
+    """Side-by-side speed and memory, reference vs port; writes reports/benchmark/ (GPU: -- --device cuda)."""
     install(session, "test,onnx,bench")
     session.run("python", "-m", "benchmarks", *session.posargs)
 

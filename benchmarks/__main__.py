@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--out DIR] [--budget-minutes M] [--no-profile] [pytest args...]``
+"""``python -m benchmarks [--device cpu|cuda|auto] [--quick] [--out DIR] [--budget-minutes M]
+[--compile-backend B] [--no-profile] [pytest args...]``
 
 Runs the pytest-benchmark scenarios in this folder (reference vs port, same weights, same inputs),
 saves the pytest-benchmark JSON under ``reports/benchmark/`` (also autosaved to
@@ -6,12 +7,18 @@ saves the pytest-benchmark JSON under ``reports/benchmark/`` (also autosaved to
 ``reports/benchmark/summary.md``. Unknown arguments go to pytest, e.g. an opt-in regression gate:
 
     python -m benchmarks --benchmark-compare --benchmark-compare-fail=mean:10%
+
+``--device cuda`` runs everything on the GPU (the GPU scenarios of ``bench_gpu.py`` at batch 1024-16384);
+``--device cpu --quick`` runs the same GPU scenarios on CPU with a tiny shape (a harness check that
+``nox -s tests`` exercises). The run measures the device's matmul peak first; the summary reads every FLOP/s
+figure against it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory-subprocess", action="store_true", help="in-process memory peaks only")
     p.add_argument("--no-profile", action="store_true", help="no profiler hint for scenarios where the port is slower")
     p.add_argument("-k", dest="select", default=None, help="pytest -k expression (subset of scenarios)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the models run (default: cuda when present, else cpu)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the compiled scenarios (default inductor; e.g. aot_eager for a "
+                        "fast harness check)")
     args, extra = p.parse_known_args(argv)
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"python -m benchmarks: --device cuda, but torch {torch.__version__} sees no CUDA device "
+              f"(torch.version.cuda = {torch.version.cuda}); install a CUDA build of torch on a GPU machine",
+              file=sys.stderr)
+        return 2
+    if args.device != "auto":
+        os.environ["TSA_BENCH_DEVICE"] = args.device  # read by benchmarks.common.device() (and memory children)
+    if args.compile_backend:
+        os.environ["TSA_BENCH_COMPILE_BACKEND"] = args.compile_backend
 
     import pytest
 

@@ -87,7 +87,7 @@ def scenarios(quick: bool, device: torch.device) -> list[Scenario]:
                     if (kind, shape, mode, b) not in order:
                         order.append((kind, shape, mode, b))
     for kind, shape, mode, b in order:
-        for impl in ("reference", "port"):
+        for impl in ("reference", *(v.name for v in common.PORT_VARIANTS)):
             rounds, warmup = _rounds(b, impl, shape, device)
             skip = None
             if device.type == "cpu" and impl == "reference" and not quick:
@@ -100,21 +100,16 @@ def scenarios(quick: bool, device: torch.device) -> list[Scenario]:
     return out
 
 
-def _peak_inprocess(runner: common.Runner) -> tuple[float | None, str]:
-    """Peak memory of one step in this process (CPU: VmHWM after a reset; CUDA: max allocated)."""
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        runner.step()
-        return (torch.cuda.max_memory_allocated() - before) / memory.MiB, "cuda.max_memory_allocated"
-    if not memory._reset_hwm():
-        runner.step()
-        return None, "unavailable"
-    before = (memory._status_kib("VmRSS") or 0) * 1024
-    runner.step()
-    hwm = memory._status_kib("VmHWM")
-    return (max(hwm * 1024 - before, 0) / memory.MiB if hwm else None), "VmHWM (reset) - VmRSS before, in-process"
+def _peak_inprocess(runner: common.Runner, count_flops: bool = False) -> tuple[float | None, str, int | None]:
+    """Peak memory of one step in this process (:func:`benchmarks.memory.step_peak`); with ``count_flops`` the
+    same step also runs under ``FlopCounterMode`` (matmul-family FLOPs; the mode keeps no tensors)."""
+    if not count_flops:
+        return (*memory.step_peak(runner), None)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        peak, method = memory.step_peak(runner)
+    return peak, method, int(counter.get_total_flops())
 
 
 def test_step(benchmark, scenario: Scenario, models, dev, options):
@@ -126,7 +121,8 @@ def test_step(benchmark, scenario: Scenario, models, dev, options):
     cfg = common.SHAPES[s.shape]
     model = models.get(s.kind, s.shape)[s.impl]
     inputs = common.inputs_to(common.make_inputs(s.kind, cfg, s.batch), dev)
-    runner = common.Runner(model, inputs, s.mode)
+    variant = None if s.impl == "reference" else common.port_variant(s.impl)
+    runner = common.Runner(model, inputs, s.mode, compiled=bool(variant and variant.compiled))
     info = benchmark.extra_info
     info.update({"scenario": "train_eval", "kind": s.kind, "shape": s.shape, "mode": s.mode, "batch": s.batch,
                  "impl": s.impl, "group": s.group, "device": str(dev), "threads": torch.get_num_threads(),
@@ -153,15 +149,26 @@ def test_step(benchmark, scenario: Scenario, models, dev, options):
                 runner.step()
 
         benchmark.pedantic(first, rounds=s.rounds, iterations=1, warmup_rounds=0)
-        peak, method = state["mem"]
+        peak, method, _ = state["mem"]
         info["mem_inprocess_mib"] = peak
         info["mem_inprocess_method"] = method
     else:
-        peak, method = _peak_inprocess(runner)  # also the first warm-up round
+        # the port's matmul FLOPs (its achieved FLOP/s against the run's measured matmul peak): counted on the
+        # eager module, during the first warm-up train step (eval, and compiled variants: one extra eager pass)
+        flops = None
+        in_step = variant is not None and not variant.compiled and s.mode == "train"
+        if variant is not None and not in_step:
+            flops = runner.count_flops()
+        peak, method, counted = _peak_inprocess(runner, count_flops=in_step)
+        flops = flops if flops is not None else counted
+        if flops is not None:
+            info["flops_per_step"] = flops
         info["mem_inprocess_mib"] = peak
         info["mem_inprocess_method"] = method
         benchmark.pedantic(runner.step, rounds=s.rounds, iterations=1, warmup_rounds=max(s.warmup - 1, 0))
     info["samples_per_s"] = s.batch / benchmark.stats.stats.mean
+    if info.get("flops_per_step"):
+        info["achieved_flops"] = info["flops_per_step"] / benchmark.stats.stats.mean
 
 
 CHECKPOINTING_SIDECAR = "memory_activation_checkpointing.jsonl"

@@ -11,7 +11,7 @@ import contextlib
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -90,6 +90,35 @@ def inputs_to(inputs: dict[str, Any], device: torch.device | str) -> dict[str, A
             "kwargs": {k: mv(v) for k, v in inputs["kwargs"].items()}, "y": mv(inputs["y"])}
 
 
+# --- the models benchmarked ----------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PortVariant:
+    """One port configuration to benchmark beside the reference: a name (the ``impl`` of its scenarios and
+    its summary column), the LightningModule options it is built with (on the reference's weights), and
+    whether the benchmark wraps the module in ``torch.compile``."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    compiled: bool = False
+
+
+# Every scenario (train/eval, GPU, memory subprocesses) and the summary iterate over this table; ``port`` (the
+# exact path, default options) must stay first: its FLOP count is the "useful work" of every FLOP/s figure.
+# After the fast path of issue 12 is merged, one line each adds it:
+#     PortVariant("port_fast", {"legacy_rng": False}),
+#     PortVariant("port_fast_compiled", {"legacy_rng": False}, compiled=True),
+PORT_VARIANTS: tuple[PortVariant, ...] = (
+    PortVariant("port"),
+)
+
+
+def port_variant(name: str) -> PortVariant:
+    for v in PORT_VARIANTS:
+        if v.name == name:
+            return v
+    raise KeyError(f"no port variant {name!r}; known: {[v.name for v in PORT_VARIANTS]}")
+
+
 # --- models on the same weights ----------------------------------------------------------------
 def build_reference(kind: str, cfg: dict) -> torch.nn.Module:
     import reference
@@ -116,37 +145,65 @@ def build_port(kind: str, cfg: dict, legacy_state: dict[str, Tensor] | None = No
 
 
 def build_pair(kind: str, cfg: dict, which: str = "both", moe_eval_policy: str = "random", **port_options):
-    """``which`` = reference | port | both -> dict of models (the port always on the reference weights)."""
+    """``which`` = reference | port | both | all | a port variant's name -> dict of models (every port on the
+    reference's weights). ``both`` is the reference and ``port`` (with ``port_options``); ``all`` adds every
+    :data:`PORT_VARIANTS` entry under its name (built with its own options)."""
     ref = build_reference(kind, cfg)
     out = {}
-    if which in ("reference", "both"):
+    if which in ("reference", "both", "all"):
         out["reference"] = ref
     if which in ("port", "both"):
         out["port"] = build_port(kind, cfg, ref.state_dict(), moe_eval_policy, **port_options)
+    names = [v.name for v in PORT_VARIANTS] if which == "all" else [which] if which not in (
+        "reference", "port", "both") else []
+    for name in names:
+        v = port_variant(name)
+        out[name] = build_port(kind, cfg, ref.state_dict(), moe_eval_policy, **{**v.options, **port_options})
     return out
 
 
 # --- steps ---------------------------------------------------------------------------------------
+def compile_backend() -> str:
+    """The ``torch.compile`` backend of compiled scenarios (``python -m benchmarks --compile-backend``)."""
+    return os.environ.get("TSA_BENCH_COMPILE_BACKEND", "inductor")
+
+
+
 @dataclass
 class Runner:
-    """One model, one input batch, one mode: ``step()`` runs a train step or an eval forward."""
+    """One model, one input batch, one mode: ``step()`` runs a train step or an eval forward.
+
+    ``autocast``: run forward and loss under ``torch.autocast(device, dtype)``; float16 training goes through a
+    ``torch.amp.GradScaler`` like the legacy AMP loop (scale, backward, unscale + inf check, step, update).
+    ``compiled``: ``torch.compile(model, backend=compile_backend())`` after ``torch._dynamo.reset()`` (a fresh
+    compile per runner: the dynamo cache's recompile limit would otherwise silently fall back to eager after
+    enough scenarios on one module). The first steps compile: time only after warm-up.
+    Every step ends with ``torch.cuda.synchronize()`` on CUDA, so a timed step includes its kernels.
+    """
 
     model: torch.nn.Module
     inputs: dict[str, Any]
     mode: str  # "train" | "eval"
     autocast: torch.dtype | None = None
     compiled: bool = False
+    compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
         self.fn = self.model
         if self.compiled:
-            self.fn = torch.compile(self.model)
+            import torch._dynamo as dynamo
+
+            dynamo.reset()
+            self.fn = torch.compile(self.model, backend=self.compile_backend or compile_backend())
+        self.scaler = None
         if self.mode == "train":
             self.model.train()
             # legacy loop: Adam(lr 1e-5), CrossEntropyLoss(reduction="sum"), no clipping
             self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-5, betas=(0.9, 0.999))
             self.loss = torch.nn.CrossEntropyLoss(reduction="sum")
+            if self.autocast == torch.float16:
+                self.scaler = torch.amp.GradScaler(self.device.type)
         else:
             self.model.eval()
 
@@ -161,13 +218,65 @@ class Runner:
         if self.mode == "train":
             self.opt.zero_grad(set_to_none=True)
             scores = self._forward()
-            self.loss(scores.float(), self.inputs["y"]).backward()
-            self.opt.step()
+            loss = self.loss(scores.float(), self.inputs["y"])
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.opt.step()
         else:
             with torch.inference_mode():
                 self._forward()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def count_flops(self) -> int:
+        """Matmul-family FLOPs of one step (``torch.utils.flop_counter``: mm, bmm, addmm, baddbmm, attention,
+        convolution; elementwise work is not counted), counted on the eager module (a train step runs once; an
+        eval forward runs once with autograd on, because the counter's module tracker hooks every input that
+        requires grad, which inference mode forbids; the FLOPs are the same)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        fn, self.fn = self.fn, self.model
+        try:
+            with FlopCounterMode(display=False) as counter:
+                if self.mode == "train":
+                    self.step()
+                else:
+                    self._forward()
+            return int(counter.get_total_flops())
+        finally:
+            self.fn = fn
+
+
+# --- the machine's matmul peak, measured in the run ---------------------------------------------------
+def matmul_peak(device: torch.device | str, dtype: torch.dtype = torch.float32, n: int | None = None,
+                reps: int = 5) -> dict[str, Any]:
+    """Achievable dense matmul throughput: the best of ``reps`` timed ``n x n @ n x n`` products (2n³ FLOPs
+    each) at the current thread count, after two warm-up products; synchronised on CUDA. The reference
+    point of every "% of peak" figure (fp32 on CPU; fp32, bf16 and fp16 on CUDA, where fp32 means IEEE fp32:
+    TF32 stays off, torch's default)."""
+    dev = torch.device(device)
+    if n is None:
+        n = 8192 if dev.type == "cuda" else 2048
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dev, dtype)
+    b = torch.randn(n, n, generator=g).to(dev, dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return {"device": str(dev), "dtype": str(dtype).removeprefix("torch."), "n": n, "reps": reps,
+            "threads": torch.get_num_threads(), "seconds": best, "flops_per_s": 2.0 * n**3 / best,
+            "method": f"best of {reps} {n}x{n} @ {n}x{n} products"}
 
 
 # --- environment -----------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ Options (``python -m benchmarks`` passes them; they can be given by hand too):
                          with batch >= 256 are skipped with a reason (the port ones still run)
   --memory-subprocess    0/1: also measure peak memory of selected scenarios in fresh spawned processes
   --skip-log PATH        where skipped scenarios and their reasons are written (JSON lines)
+
+The device is ``TSA_BENCH_DEVICE`` (``python -m benchmarks --device``), else CUDA when present. Before the first
+scenario the run measures the device's matmul peak at its thread count (:func:`benchmarks.common.matmul_peak`:
+fp32; on CUDA also bf16 and fp16); it is written into the benchmark JSON's ``machine_info``
+(``tsa_matmul_peaks``) and every FLOP/s figure of the summary is read against it.
 """
 
 from __future__ import annotations
@@ -57,6 +62,26 @@ def pytest_runtest_logreport(report):
 
 
 _SKIP_LOG: list[str] = []
+PEAKS: dict[str, dict] = {}  # dtype name -> common.matmul_peak(...) of this run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["tsa_matmul_peaks"] = dict(PEAKS)
+    machine_info["tsa_device"] = str(common.device())
+    machine_info["tsa_compile_backend"] = common.compile_backend()
+    machine_info["tsa_cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def matmul_peaks(pytestconfig):
+    """The device's dense matmul peak, measured once before the first scenario, at the run's thread count."""
+    dev = common.device()
+    quick = pytestconfig.getoption("--quick")
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if dev.type == "cuda" else [])
+    n = (2048 if dev.type == "cuda" else 1024) if quick else None
+    for dtype in dtypes:
+        PEAKS[str(dtype).removeprefix("torch.")] = common.matmul_peak(dev, dtype, n=n, reps=3 if quick else 5)
+    return PEAKS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -90,7 +115,8 @@ def _restore_threads():
 
 
 class ModelCache:
-    """Builds each (kind, shape, policy) pair once per session: both models on the same weights."""
+    """Builds each (kind, shape, policy) set once per session: the reference and every port variant
+    (``common.PORT_VARIANTS``) on the same weights."""
 
     def __init__(self):
         self._pairs: dict = {}
@@ -99,7 +125,7 @@ class ModelCache:
         key = (kind, shape, policy)
         if key not in self._pairs:
             self._pairs.clear()  # keep at most one pair alive (memory)
-            pair = common.build_pair(kind, common.SHAPES[shape], moe_eval_policy=policy)
+            pair = common.build_pair(kind, common.SHAPES[shape], which="all", moe_eval_policy=policy)
             self._pairs[key] = {k: m.to(common.device()) for k, m in pair.items()}
         return self._pairs[key]
 

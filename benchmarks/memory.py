@@ -36,6 +36,27 @@ def _reset_hwm() -> bool:
         return False
 
 
+def step_peak(runner) -> tuple[float | None, str]:
+    """Peak memory of one ``runner.step()`` in this process, in MiB above what was allocated before it.
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (synchronised); CPU: the
+    resident-set high-water mark after a ``clear_refs`` reset (``VmHWM`` - ``VmRSS`` before)."""
+    import torch
+
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner.step()
+        return (torch.cuda.max_memory_allocated() - before) / MiB, "cuda.max_memory_allocated (reset), in-process"
+    if not _reset_hwm():
+        runner.step()
+        return None, "unavailable"
+    before = (_status_kib("VmRSS") or 0) * 1024
+    runner.step()
+    hwm = _status_kib("VmHWM")
+    return (max(hwm * 1024 - before, 0) / MiB if hwm else None), "VmHWM (reset) - VmRSS before, in-process"
+
+
 def _child(spec: dict[str, Any], queue) -> None:
     try:
         import torch
@@ -49,7 +70,8 @@ def _child(spec: dict[str, Any], queue) -> None:
                                    **spec.get("port_options", {}))
         model = models[spec["impl"]].to(dev)
         inputs = common.inputs_to(common.make_inputs(spec["kind"], cfg, spec["batch"]), dev)
-        runner = common.Runner(model, inputs, spec["mode"])
+        variant = common.port_variant(spec["impl"]) if spec["impl"] != "reference" else None
+        runner = common.Runner(model, inputs, spec["mode"], compiled=bool(variant and variant.compiled))
         del models
         gc.collect()
         if dev.type == "cuda":

@@ -1,5 +1,7 @@
 """``reports/benchmark/summary.md`` from the pytest-benchmark JSON: a table per scenario with
-reference, port and their ratio, the targets of issue 8, the machine, torch version and threads."""
+reference, port (and every other port variant) and their ratio, achieved FLOP/s against the matmul peak
+measured in the same run, the targets of issues 8 and 12, the GPU table, the machine, torch version and
+threads."""
 
 from __future__ import annotations
 
@@ -12,6 +14,40 @@ from benchmarks import common
 TARGET_TRAIN_SPEEDUP = 10.0
 TARGET_MEM_RATIO = 0.25
 TARGET_ONNX_LATENCY_RATIO = 1 / 3
+# issue 12
+TARGET_EXACT_SPEEDUP_256 = 2.0
+TARGET_FAST_SPEEDUP_256 = 3.0
+TARGET_FAST_SPEEDUP_1024 = 3.5
+TARGET_FAST_PEAK_SHARE = 0.60
+TARGET_GPU_SPEEDUP = 10.0
+FAST_VARIANT = "port_fast"  # the fast path's name in common.PORT_VARIANTS once merged
+FAST_COMPILED_VARIANT = "port_fast_compiled"
+GPU_TARGET_BATCH = 4096
+
+
+def peaks(data: dict) -> dict[str, dict]:
+    """The matmul peaks measured in the run (``machine_info.tsa_matmul_peaks``), by dtype name."""
+    return dict((data.get("machine_info") or {}).get("tsa_matmul_peaks") or {})
+
+
+def _peak_share(row: dict | None, peak: dict | None, flops: float | None = None) -> float | None:
+    """FLOP/s of ``row`` (its own count, or ``flops`` per step) over the measured peak."""
+    if not row or not peak:
+        return None
+    f = flops if flops is not None else row.get("flops_per_step")
+    return (f / row["mean"]) / peak["flops_per_s"] if f else None
+
+
+def _fmt_flops(row: dict | None, peak: dict | None, flops: float | None = None) -> str:
+    if not row:
+        return "—"
+    f = flops if flops is not None else row.get("flops_per_step")
+    if not f:
+        return "—"
+    rate = f / row["mean"]
+    share = _peak_share(row, peak, f)
+    unit, div = ("TFLOP/s", 1e12) if rate >= 1e12 else ("GFLOP/s", 1e9) if rate >= 1e9 else ("MFLOP/s", 1e6)
+    return f"{rate / div:.1f} {unit}" + (f" ({share:.1%})" if share is not None else "")
 
 
 def read_skips(path: Path) -> list[dict]:
@@ -145,6 +181,21 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
              "only ratios carry from run to run on a shared machine.")
     L.append("- Ratio columns: speedup = reference time / port time (> 1: port faster); memory = port peak / "
              "reference peak (< 1: port smaller).")
+    pk = peaks(data)
+    if pk:
+        L.append("- Matmul peak measured in this run (dense n x n products at the run's thread count; every \"% of "
+                 "peak\" below is against it): " + "; ".join(
+                     f"{k} {v['flops_per_s'] / 1e9:.1f} GFLOP/s ({v['method']}, {v['threads']} threads, {v['device']})"
+                     for k, v in pk.items()))
+    L.append("- FLOP/s: matmul-family FLOPs of one step (`torch.utils.flop_counter`: mm, bmm, addmm, baddbmm, "
+             "attention; elementwise work not counted) / mean step time. The port's count is the useful work; "
+             "the reference's FLOP/s column divides that same count by the reference's time (its own count adds "
+             "the dense one-hot MoE dispatch).")
+    variants = [v.name for v in common.PORT_VARIANTS if v.name != "port"]
+    if variants:
+        L.append("- Port variants beside the exact path (`benchmarks.common.PORT_VARIANTS`): " + ", ".join(
+            f"`{v.name}` {v.options or ''}{' compiled' if v.compiled else ''}" for v in common.PORT_VARIANTS
+            if v.name != "port"))
     L.append("")
 
     # ---- targets
@@ -204,6 +255,8 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
         L.append("| port no slower in any scenario | none slower | none slower | met |")
     L.append("")
 
+    L += _issue12_targets(idx, pk, big, quick)
+
     # ---- train / eval tables
     groups: dict[str, list] = defaultdict(list)
     for key, impls in idx.items():
@@ -216,11 +269,15 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
     for g in sorted(groups):
         L.append(f"### {g}")
         L.append("")
-        L.append("| batch | reference | port | speedup | ref samples/s | port samples/s | ref peak MiB | "
-                 "port peak MiB | memory port/ref | note |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        fp32 = pk.get("float32")
+        extra = [v for v in variants if any(v in impls for _, impls in groups[g])]
+        L.append("| batch | reference | port | speedup | ref samples/s | port samples/s | ref FLOP/s (% peak) | "
+                 "port FLOP/s (% peak) | ref peak MiB | port peak MiB | memory port/ref | "
+                 + "".join(f"{v} (speedup; FLOP/s) | " for v in extra) + "note |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra) + "---|")
         for key, impls in sorted(groups[g], key=lambda kv: kv[0][4]):
             ref, port = impls.get("reference"), impls.get("port")
+            useful = port.get("flops_per_step") if port else None
             kind, shape, mode, batch = key[1], key[2], key[3], key[4]
             sp = ref["mean"] / port["mean"] if ref and port else None
             r, p, how = _mem_pair(ref, port)
@@ -231,10 +288,17 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
                 note.append("reference: 1 round")
             if how == "in-process" and (r or p):
                 note.append("memory in-process")
+            cells = []
+            for v in extra:
+                row = impls.get(v)
+                cells.append("—" if row is None else
+                             f"{_fmt_s(row['mean'])} ({_fmt(ref['mean'] / row['mean'] if ref else None, '.2f', 'x')}; "
+                             f"{_fmt_flops(row, fp32)}) | ")
             L.append(f"| {batch} | {_fmt_s(ref and ref['mean'])} | {_fmt_s(port and port['mean'])} | "
                      f"{_fmt(sp, '.2f', 'x')} | {_fmt(ref and ref.get('samples_per_s'), '.0f')} | "
-                     f"{_fmt(port and port.get('samples_per_s'), '.0f')} | {_fmt(r, '.0f')} | {_fmt(p, '.0f')} | "
-                     f"{_fmt(p / r if (r and p is not None) else None, '.3f')} | {'; '.join(note)} |")
+                     f"{_fmt(port and port.get('samples_per_s'), '.0f')} | {_fmt_flops(ref, fp32, useful)} | "
+                     f"{_fmt_flops(port, fp32)} | {_fmt(r, '.0f')} | {_fmt(p, '.0f')} | "
+                     f"{_fmt(p / r if (r and p is not None) else None, '.3f')} | {''.join(cells)}{'; '.join(note)} |")
         L.append("")
 
     # ---- latency
@@ -256,31 +320,7 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
         L.append("")
 
     # ---- GPU
-    gpu = [(k, v) for k, v in idx.items() if k[0] == "gpu"]
-    L.append("## GPU: fp32 / bf16-mixed, eager / torch.compile")
-    L.append("")
-    if not gpu:
-        L.append("Not run: no CUDA device on this machine.")
-        L.append("")
-    else:
-        L.append("Useful TFLOP/s = the port's FlopCounterMode count per step / time (the legacy count adds its dense "
-                 "dispatch einsums); MFU = useful FLOP/s / device peak.")
-        L.append("")
-        L.append("| scenario | batch | reference | port | speedup | port samples/s | ref TFLOP/s (useful) | "
-                 "port TFLOP/s | port MFU | ref peak MiB | port peak MiB |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for key, impls in sorted(gpu, key=lambda kv: tuple(str(x) for x in kv[0])):
-            ref, port = impls.get("reference"), impls.get("port")
-            pf = port.get("flops_per_step") if port else None
-            L.append(f"| {key[3]} {key[1]} {key[2]} {key[5]} {'compile' if key[6] else 'eager'} | {key[4]} | "
-                     f"{_fmt_s(ref and ref['mean'])} | {_fmt_s(port and port['mean'])} | "
-                     f"{_fmt(ref['mean'] / port['mean'] if ref and port else None, '.2f', 'x')} | "
-                     f"{_fmt(port and port.get('samples_per_s'), '.0f')} | "
-                     f"{_fmt(pf / ref['mean'] / 1e12 if (pf and ref) else None, '.2f')} | "
-                     f"{_fmt(pf / port['mean'] / 1e12 if (pf and port) else None, '.2f')} | "
-                     f"{_fmt(port.get('mfu') * 100 if port and port.get('mfu') else None, '.1f', '%')} | "
-                     f"{_fmt(ref and ref.get('mem_peak_mib'), '.0f')} | {_fmt(port and port.get('mem_peak_mib'), '.0f')} |")
-        L.append("")
+    L += _gpu_section(rows, idx, pk)
 
     # ---- slower / skipped / profiles
     L.append("## Where the port is slower")
@@ -315,3 +355,104 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
     L.append("Raw numbers: the pytest-benchmark JSON next to this file (also autosaved under `storage/` for "
              "`--benchmark-compare`).")
     return "\n".join(L) + "\n"
+
+
+def _issue12_targets(idx: dict, pk: dict, big: str, quick: bool) -> list[str]:
+    """The targets of issue 12 (side by side in one run), measured where the run has the needed rows."""
+    L = ["## Targets (issue 12)", "", "| target | measured | needed | status |", "|---|---|---|---|"]
+    b256, b1024 = (8, 32) if quick else (256, 1024)
+
+    def speedup_row(label, batch, impl, need):
+        t = idx.get(("train_eval", "single", big, "train", batch, None, None), {})
+        ref, row = t.get("reference"), t.get(impl)
+        if row is None:
+            return f"| {label} | not measured (`{impl}` not in this run) | ≥ {need:g}x | — |"
+        if ref is None:
+            return f"| {label} | reference not measured (skipped: see below) | ≥ {need:g}x | — |"
+        sp = ref["mean"] / row["mean"]
+        return (f"| {label} | {sp:.2f}x ({_fmt_s(ref['mean'])} → {_fmt_s(row['mean'])}) | ≥ {need:g}x | "
+                f"{'met' if sp >= need else 'NOT met'} |")
+
+    L.append(speedup_row(f"{big}-shape train step, batch {b256}, 2 threads: exact path (`port`)", b256, "port",
+                         TARGET_EXACT_SPEEDUP_256))
+    L.append(speedup_row(f"{big}-shape train step, batch {b256}: fast path (`{FAST_VARIANT}`)", b256, FAST_VARIANT,
+                         TARGET_FAST_SPEEDUP_256))
+    L.append(speedup_row(f"{big}-shape train step, batch {b1024}: fast path", b1024, FAST_VARIANT,
+                         TARGET_FAST_SPEEDUP_1024))
+    t = idx.get(("train_eval", "single", big, "train", b256, None, None), {})
+    fp32 = pk.get("float32")
+    for impl in (FAST_VARIANT, "port"):
+        row = t.get(impl)
+        share = _peak_share(row, fp32)
+        if share is None:
+            L.append(f"| `{impl}` matmul FLOP/s at batch {b256} / measured fp32 peak | not measured | "
+                     f"≥ {TARGET_FAST_PEAK_SHARE:.0%} (fast path) | — |")
+        else:
+            status = ("met" if share >= TARGET_FAST_PEAK_SHARE else "NOT met") if impl == FAST_VARIANT else "(exact path, for reference)"
+            L.append(f"| `{impl}` matmul FLOP/s at batch {b256} / measured fp32 peak | {share:.1%} "
+                     f"({_fmt_flops(row, fp32)}) | ≥ {TARGET_FAST_PEAK_SHARE:.0%} (fast path) | {status} |")
+    gb = 8 if quick else GPU_TARGET_BATCH
+    gshape = "small" if quick else "default"
+    base = idx.get(("gpu", "single", gshape, "train", gb, "fp32", False), {}).get("reference")
+    fast = None
+    for impl, compiled in ((FAST_COMPILED_VARIANT, True), (FAST_VARIANT, True)):
+        fast = fast or idx.get(("gpu", "single", gshape, "train", gb, "bf16", compiled), {}).get(impl)
+    if base and fast:
+        sp = base["mean"] / fast["mean"]
+        useful = (idx.get(("gpu", "single", gshape, "train", gb, "bf16", False), {}).get("port") or {}).get(
+            "flops_per_step") or fast.get("flops_per_step")
+        mfu = _peak_share(fast, pk.get("bfloat16"), useful)
+        L.append(f"| GPU: compiled bf16 fast path vs fp32 eager reference, {gshape} train, batch {gb} | {sp:.1f}x; "
+                 f"MFU {_fmt(mfu * 100 if mfu is not None else None, '.1f', '%')} of the measured bf16 peak | "
+                 f"≥ {TARGET_GPU_SPEEDUP:g}x (H200) | {'met' if sp >= TARGET_GPU_SPEEDUP else 'NOT met'} |")
+    else:
+        why = "no GPU rows in this run" if not base else f"no compiled bf16 `{FAST_VARIANT}` rows"
+        L.append(f"| GPU: compiled bf16 fast path vs fp32 eager reference, batch {gb} | not measured ({why}) | "
+                 f"≥ {TARGET_GPU_SPEEDUP:g}x (H200) | — |")
+    L.append("")
+    return L
+
+
+def _gpu_section(rows: list[dict], idx: dict, pk: dict) -> list[str]:
+    gpu = [r for r in rows if r.get("scenario") == "gpu"]
+    L = ["## GPU scenarios: fp32 / bf16 / fp16, eager / torch.compile", ""]
+    if not gpu:
+        L += ["Not run: no CUDA device (`python -m benchmarks --device cuda` on a GPU machine; on CPU the same "
+              "scenarios run only with `--quick`).", ""]
+        return L
+    devices = sorted({r.get("device_name") or r.get("device") for r in gpu})
+    backends = sorted({r.get("compile_backend") for r in gpu if r.get("compile_backend")})
+    L.append(f"Device: {', '.join(str(d) for d in devices)}; compile backend: {', '.join(backends) or '—'}. "
+             "Speedup = the reference's fp32 eager time / this row's time (same model, mode and batch). Useful "
+             "FLOP/s = the exact port's FLOP count / time; MFU = useful FLOP/s / the matmul peak of the row's dtype "
+             "measured in this run (fp32 rows: IEEE fp32, TF32 off). Datasheet = the same over the vendor's dense "
+             "peak. Peak MiB = `torch.cuda.max_memory_allocated` of one step above the allocation before it "
+             "(on CPU: resident-set high-water mark).")
+    L.append("")
+    L.append("| model, mode, batch | implementation | precision | compiled | time | samples/s | speedup vs ref fp32 "
+             "eager | useful FLOP/s | MFU (measured peak) | MFU (datasheet) | peak MiB |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    dtype_name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    order = {"reference": 0, **{v.name: i + 1 for i, v in enumerate(common.PORT_VARIANTS)}}
+    by_model: dict[tuple, list[dict]] = defaultdict(list)
+    for r in gpu:
+        by_model[(r["kind"], r["shape"], r["mode"], r["batch"])].append(r)
+    for (kind, shape, mode, batch), group in sorted(by_model.items()):
+        base = idx.get(("gpu", kind, shape, mode, batch, "fp32", False), {}).get("reference")
+        port32 = idx.get(("gpu", kind, shape, mode, batch, "fp32", False), {}).get("port")
+        useful = port32.get("flops_per_step") if port32 else None
+        for r in sorted(group, key=lambda r: (order.get(r["impl"], 99), r["precision"], r["compiled"])):
+            peak = pk.get(dtype_name.get(r["precision"], ""))
+            f = useful or r.get("flops_per_step")
+            rate = f / r["mean"] if f else None
+            mfu = rate / peak["flops_per_s"] if (rate and peak) else None
+            sheet = rate / r["datasheet_peak_flops"] if (rate and r.get("datasheet_peak_flops")) else None
+            L.append(f"| {kind} {shape} {mode} b{batch} | {r['impl']} | {r['precision']} | "
+                     f"{'yes' if r['compiled'] else 'no'} | {_fmt_s(r['mean'])} | {_fmt(r.get('samples_per_s'), '.0f')} | "
+                     f"{_fmt(base['mean'] / r['mean'] if base else None, '.2f', 'x')} | "
+                     f"{_fmt_flops(r, None, f)} | "
+                     f"{_fmt(mfu * 100 if mfu is not None else None, '.1f', '%')} | "
+                     f"{_fmt(sheet * 100 if sheet is not None else None, '.1f', '%')} | "
+                     f"{_fmt(r.get('mem_peak_mib'), '.0f')} |")
+    L.append("")
+    return L

@@ -42,7 +42,9 @@ def main(argv=None) -> int:
         for r in out:
             r.seconds = round(time.time() - t, 1)
         bad = [r for r in out if not r.passed]
-        print(f"[{time.time() - started:6.0f}s] {label}: {len(out) - len(bad)}/{len(out)} passed", flush=True)
+        skip = sum(r.status == "skipped" for r in out)
+        print(f"[{time.time() - started:6.0f}s] {label}: {len(out) - len(bad)}/{len(out)} passed"
+              + (f", {skip} skipped (no GPU)" if skip else ""), flush=True)
         records.extend(out)
 
     for g in groups():
@@ -59,8 +61,10 @@ def main(argv=None) -> int:
     meta = run_meta(args.profile, started)
     meta["categories_run"] = sorted(want)
     jpath, mpath = write_reports(args.out, records, found, meta)
-    failed = [r for r in records if not r.passed]
-    print(f"wrote {jpath} and {mpath}: {len(records) - len(failed)}/{len(records)} checks passed")
+    failed = [r for r in records if r.failing]
+    skip = sum(r.status == "skipped" for r in records)
+    print(f"wrote {jpath} and {mpath}: {sum(r.passed for r in records)}/{len(records)} checks passed"
+          + (f", {skip} skipped (hardware not present: not covered)" if skip else ""))
     for r in failed:
         print(f"  {r.status.upper()}: {r.category} {r.name} {r.model}")
     return 1 if failed else 0

@@ -50,6 +50,8 @@ class Mismatch:
              f"worst rel err {self.max_rel_err:.3g} at {list(self.rel_index or ())}")
         if self.nan_mismatch:
             s += f"; {self.nan_mismatch} NaN/inf disagreements"
+        if self.detail:
+            s += f"; {self.detail}"
         if tol is not None:
             s += f"; allowed atol {tol.atol:g} + rtol {tol.rtol:g}·|expected|"
         return s

@@ -5,7 +5,9 @@ Each check in ``report.json`` has ``name``, ``category``, ``model`` (``single:<c
 ``passed`` and ``status`` (``passed`` / ``failed`` / ``error`` / ``not covered``), plus the
 tolerance reason and, for failures, every mismatch with the path, index and the example to
 reproduce. A category nobody has implemented yet appears with status ``not covered`` and
-``passed: false`` — never as passed.
+``passed: false`` — never as passed. A check that needs hardware this machine lacks (the CUDA variants of
+the ``precision`` category without a GPU) has status ``skipped`` and ``passed: false`` with the reason in
+``notes`` ("not covered: no GPU"): never passed, and not a failure of the run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 from .compare import Comparison
 from .tolerances import Tolerance
 
-CATEGORIES = ("structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx", "checkpoint")
+CATEGORIES = ("structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx", "checkpoint",
+              "precision")
 MAX_FAILURE_TEXTS = 5
 
 
@@ -54,6 +57,11 @@ class CheckRecord:
     @property
     def passed(self) -> bool:
         return self.status == "passed" and self.examples > 0
+
+    @property
+    def failing(self) -> bool:
+        """Fails the run: not passed, and not skipped for missing hardware."""
+        return not self.passed and self.status != "skipped"
 
     def add(self, comp: Comparison) -> None:
         self.examples += 1
@@ -94,6 +102,14 @@ def not_covered(category: str, model: str, why: str) -> CheckRecord:
     return rec
 
 
+def skipped(name: str, category: str, model: str, why: str) -> CheckRecord:
+    """A check this machine cannot run (e.g. no GPU): reported with ``why``, never as passed."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}")
+    return CheckRecord(name=name, category=category, model=model, atol=math.nan, rtol=math.nan, status="skipped",
+                       notes=why)
+
+
 @dataclass
 class Finding:
     name: str
@@ -111,11 +127,12 @@ def _fmt(x: float) -> str:
 
 def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Finding], meta: dict) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    failed = [r for r in records if not r.passed and r.status != "not covered"]
+    failed = [r for r in records if r.failing and r.status != "not covered"]
     uncovered = [r for r in records if r.status == "not covered"]
+    skips = [r for r in records if r.status == "skipped"]
     summary = {
         "checks": len(records), "passed": sum(r.passed for r in records), "failed": len(failed),
-        "not_covered": len(uncovered), "all_passed": not failed and not uncovered,
+        "not_covered": len(uncovered), "skipped": len(skips), "all_passed": not failed and not uncovered,
     }
     doc = {"meta": meta, "summary": summary, "checks": [r.to_json() for r in records],
            "findings": [asdict(f) for f in findings]}
@@ -126,7 +143,8 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
     md.append(f"Run {meta.get('started')} on {meta.get('host')}, torch {meta.get('torch')}, hypothesis profile "
               f"`{meta.get('profile')}`, {meta.get('seconds', 0):.0f} s. "
               f"{summary['passed']}/{summary['checks']} checks passed, {summary['failed']} failed, "
-              f"{summary['not_covered']} not yet covered.")
+              f"{summary['not_covered']} not yet covered, {summary['skipped']} skipped (hardware not present: "
+              "not covered, never passed).")
     md.append("")
     md.append("Tolerance: an element passes when |port − legacy| ≤ atol + rtol·|legacy|. `examples` counts "
               "hypothesis examples (including shrink replays) or fixed cases.")
@@ -138,9 +156,13 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
             md.append(f"| {cat} | 0/0 | 0 | – | – | – | not run |")
             continue
         ok = sum(r.passed for r in rows)
+        n_skip = sum(r.status == "skipped" for r in rows)
         models = sorted({r.model.split(":")[0] for r in rows})
         result = ("pass" if ok == len(rows) else
-                  "not yet covered" if all(r.status == "not covered" for r in rows if not r.passed) else "**FAIL**")
+                  f"pass; {n_skip} skipped (no GPU: not covered)" if ok and ok + n_skip == len(rows) else
+                  "skipped (no GPU: not covered)" if n_skip == len(rows) else
+                  "not yet covered" if all(r.status in ("not covered", "skipped") for r in rows if not r.passed)
+                  else "**FAIL**")
         md.append(f"| {cat} | {ok}/{len(rows)} | {sum(r.examples for r in rows)} | "
                   f"{_fmt(max(r.max_abs_err for r in rows))} | {_fmt(max(r.max_rel_err for r in rows))} | "
                   f"{', '.join(models)} | {result} |")
@@ -154,7 +176,8 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
         md.append("|---|---|---:|---:|---:|---:|---:|---|")
         for r in rows:
             res = {"passed": "pass" if r.passed else "FAIL (0 examples)", "failed": "**FAIL**",
-                   "error": "**ERROR**", "not covered": "not yet covered"}[r.status]
+                   "error": "**ERROR**", "not covered": "not yet covered",
+                   "skipped": f"skipped ({r.notes.split(';')[0]})"}[r.status]
             md.append(f"| {r.name} | {r.model} | {r.examples} | {_fmt(r.max_abs_err)} | {_fmt(r.max_rel_err)} | "
                       f"{_fmt(r.atol)} | {_fmt(r.rtol)} | {res} |")
         reasons = sorted({(r.name.split(' ')[0], r.tolerance_reason) for r in rows
@@ -162,8 +185,8 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
         for name, reason in reasons:
             md.append(f"\n- tolerance of `{name}`: {reason}")
         for r in rows:
-            if r.status == "not covered":
-                md.append(f"\n- {r.model}: {r.notes}")
+            if r.status == "not covered" or (r.notes and r.status != "skipped" and cat == "precision"):
+                md.append(f"\n- {r.name} / {r.model}: {r.notes}")
             if r.failures:
                 md.append(f"\n**{r.name} / {r.model}**:\n")
                 for f in r.failures:

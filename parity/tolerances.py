@@ -119,3 +119,86 @@ def tolerance_for(check: str, dtype: torch.dtype = torch.float32) -> Tolerance:
         return DTYPE_DEFAULTS[dtype]
     except KeyError:
         raise KeyError(f"no default tolerance for dtype {dtype}") from None
+
+
+# --- mixed precision (the `precision` category) ---------------------------------------------------------------
+# Unit roundoff u of each low-precision dtype (half the spacing of the numbers next to 1): bfloat16 keeps 8
+# significant bits, float16 11.
+UNIT_ROUNDOFF: dict[torch.dtype, float] = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# Stages of the longest path that autocast runs in low precision (matmul-like ops: linear, bmm, einsum, matmul).
+AMP_AGGREGATION_STAGES = 6  # FeatureAggregation: six Linear layers n -> ... -> 1 (legacy-tsa §5)
+AMP_ATTENTION_STAGES = 4  # in-projection, q·kᵀ, weights·v, out-projection
+AMP_FEEDFORWARD_STAGES = 2  # Linear, Linear
+AMP_MOE_STAGES = 5  # gate, dispatch einsum, w1, w2, combine einsum (the legacy's; the port has 3 of them)
+AMP_CLASSIFIER_STAGES = 2  # clf: Linear, Linear
+AMP_GATE_STAGES = 2  # dual: gate_score Linear, Linear
+AMP_ROUNDINGS_PER_STAGE = 3  # two operands and the output rounded to the low precision; fp32 accumulation
+AMP_LAMBDA = 5.0  # P(one bound fails) <= 2·exp(-λ²/2) = 7.5e-6
+
+AMP_REASON = (
+    "autocast rounding bound, normwise (|port - legacy| / max|float32 legacy output| per tensor; the gradient as "
+    "one vector, ||Δg||₂ / ||g||₂). u = the dtype's unit roundoff (bf16 2^-8, fp16 2^-11). Under autocast every "
+    "matmul stage rounds its two operands and its output to the low precision (fp32 accumulation; softmax, "
+    "LayerNorm, exp and the loss stay fp32): 3 roundings of relative size <= u per stage. d = the stages on the "
+    "longest path: 6 feature-aggregation Linears, per attention layer 4 attention matmuls + 2 feed-forward "
+    "Linears (5 with MoE: gate, dispatch, w1, w2, combine), 2 classifier Linears (dual: + the gate's 2, and its "
+    "stack); the backward pass has 2d+1. LayerNorm after every layer keeps each stage's conditioning O(1), so "
+    "one side's error is a sum of 3d independent zero-mean rounding terms <= u: within λ·sqrt(3d)·u with "
+    "probability >= 1 - 2·exp(-λ²/2) (probabilistic rounding error analysis, Higham & Mary 2019), λ = 5. Port "
+    "and legacy round in different orders (independent errors): two-sided λ·sqrt(6d)·u. Not fitted: the legacy "
+    "itself is held to the one-sided bound against its float32 run (precision.legacy_control)"
+)
+
+
+@dataclass(frozen=True)
+class AmpBounds:
+    """Normwise autocast bounds for one configuration and dtype (see :data:`AMP_REASON`)."""
+
+    dtype: str
+    u: float
+    depth: int
+    forward_one_sided: float
+    forward_two_sided: float
+    gradient_one_sided: float
+    gradient_two_sided: float
+
+    @property
+    def reason(self) -> str:
+        return (f"{AMP_REASON}. Here {self.dtype}, u = {self.u:.3g}, d = {self.depth}: forward "
+                f"{self.forward_two_sided:.3g} (one-sided {self.forward_one_sided:.3g}), gradient "
+                f"{self.gradient_two_sided:.3g} (one-sided {self.gradient_one_sided:.3g})")
+
+    @property
+    def reason_template(self) -> str:
+        return AMP_REASON + " (atol shows the largest bound of the configurations drawn)"
+
+
+def amp_depth(kwargs: dict, kind: str) -> int:
+    """The number of low-precision matmul stages on the longest forward path of a legacy configuration."""
+    per_layer = AMP_ATTENTION_STAGES + (AMP_MOE_STAGES if kwargs.get("use_moe") else AMP_FEEDFORWARD_STAGES)
+    order = AMP_AGGREGATION_STAGES + int(kwargs["n_layers_order"]) * per_layer + AMP_CLASSIFIER_STAGES
+    feature = int(kwargs["n_layers_feature"]) * per_layer + AMP_CLASSIFIER_STAGES
+    depth = max(order, feature)
+    if kind == "dual":  # the gate: its own one-layer stack (no MoE) and gate_score, then the classifier
+        gate = (AMP_AGGREGATION_STAGES + AMP_ATTENTION_STAGES + AMP_FEEDFORWARD_STAGES + AMP_GATE_STAGES
+                + AMP_CLASSIFIER_STAGES)
+        depth = max(depth, gate)
+    return depth
+
+
+def amp_bounds(kwargs: dict, kind: str, dtype: torch.dtype) -> AmpBounds:
+    """The normwise bounds of :data:`AMP_REASON` for a configuration (legacy kwargs) and a low-precision dtype."""
+    import math
+
+    try:
+        u = UNIT_ROUNDOFF[dtype]
+    except KeyError:
+        raise KeyError(f"no unit roundoff for dtype {dtype}; known: {list(UNIT_ROUNDOFF)}") from None
+    d = amp_depth(kwargs, kind)
+    r = AMP_ROUNDINGS_PER_STAGE
+    lam = AMP_LAMBDA
+    back = 2 * d + 1
+    return AmpBounds(str(dtype).removeprefix("torch."), u, d,
+                     forward_one_sided=lam * math.sqrt(r * d) * u, forward_two_sided=lam * math.sqrt(2 * r * d) * u,
+                     gradient_one_sided=lam * math.sqrt(r * back) * u,
+                     gradient_two_sided=lam * math.sqrt(2 * r * back) * u)

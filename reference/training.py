@@ -98,10 +98,15 @@ def train_one_epoch(
     scaler=None,
     before_step: Callable[[int], None] | None = None,
     step_offset: int = 0,
+    amp_dtype: torch.dtype | None = None,
 ) -> list[float]:
     """One legacy epoch: per batch zero_grad, forward, loss, backward, step; no clipping. Returns the losses.
 
     `before_step(global_step)` runs right before each forward pass (the parity suite reseeds there).
+    With `scaler` (legacy `use_amp` 1) the forward and the loss run under `torch.autocast` and the
+    backward / step go through the GradScaler. `amp_dtype` None is the legacy autocast: the device's
+    default low precision (float16 on CUDA, where the legacy jobs ran; bfloat16 on CPU); the parity
+    suite passes float16 to run the legacy CUDA recipe on CPU.
     """
     model.train()
     losses = []
@@ -111,7 +116,7 @@ def train_one_epoch(
         optimizer.zero_grad()
         args, kwargs = model_inputs(batch, kind)
         if scaler is not None:
-            with torch.autocast(device_type=batch["y"].device.type):
+            with torch.autocast(device_type=batch["y"].device.type, dtype=amp_dtype):  # legacy: device default
                 scores, _ = model(*args, **kwargs)
                 loss = compute_loss(loss_fn, scores, batch["y"], epoch)
             scaler.scale(loss).backward()

@@ -27,6 +27,13 @@ from .init import check_init
 from .loss import check_loss
 from .metrics import check_metrics
 from .onnxrt import check_onnx
+from .precision import (
+    VARIANTS,
+    check_not_on_this_machine,
+    check_precision,
+    check_precision_resume,
+    check_precision_training,
+)
 from .recorded import check_fixtures
 from .structure import check_structure
 from .training import check_training
@@ -43,6 +50,9 @@ __all__ = [
     "check_loss",
     "check_metrics",
     "check_onnx",
+    "check_precision",
+    "check_precision_resume",
+    "check_precision_training",
     "check_structure",
     "check_training",
     "groups",
@@ -50,6 +60,7 @@ __all__ = [
 ]
 
 TRAINING_CASES = ("single:tiny", "single:tiny-plain", "single:drawn", "dual:tiny")
+# the precision category: parity.checks.precision.FORWARD_CASES / TRAINING_CASES x VARIANTS
 ONNX_CASES = ("single:tiny", "single:tiny-plain", "dual:tiny")
 
 
@@ -75,4 +86,27 @@ def groups() -> list[Group]:
     out.append(Group("metrics", "metrics", check_metrics))
     out += [Group("onnx", f"onnx {m}", partial(check_onnx, case(m))) for m in ONNX_CASES]
     out.append(Group("checkpoint", "checkpoint (every legacy file format)", check_checkpoint))
+    out += _precision_groups()
+    return out
+
+
+def _precision_groups() -> list[Group]:
+    from .precision import FORWARD_CASES
+    from .precision import TRAINING_CASES as AMP_TRAINING_CASES
+
+    out = []
+    for amp in VARIANTS:
+        if not amp.available():
+            out.append(Group("precision", f"precision {amp.name}: not covered (no GPU)",
+                             partial(check_not_on_this_machine, amp)))
+            continue
+        for m in FORWARD_CASES:
+            out.append(Group("precision", f"precision {m} {amp.name} (forward, gradient)",
+                             partial(check_precision, case(m), amp)))
+        for m in AMP_TRAINING_CASES:
+            out.append(Group("precision", f"precision {m} {amp.name} training ({amp.plugin})",
+                             partial(check_precision_training, case(m), amp)))
+        if amp.scaled:
+            out.append(Group("precision", f"precision resume legacy AMP job {amp.name} ({amp.plugin})",
+                             partial(check_precision_resume, amp)))
     return out

@@ -1,0 +1,93 @@
+"""The benchmark harness end to end on CPU: ``python -m benchmarks --device cpu --quick`` runs the GPU scenarios
+(fp32 / bf16 / fp16, eager / compiled, reference / port, train / eval) with a tiny shape, measures the matmul
+peak and writes the summary, so the CUDA code path is not dead code. Timings here mean nothing (shared CPU):
+only that every scenario ran and reported what the summary needs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not an installed package
+pytest.importorskip("pytest_benchmark", reason="the bench extra (pytest-benchmark) is not installed")
+
+from benchmarks import common, summary  # noqa: E402
+
+
+def _run(args, tmp_path, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_scenarios_run_end_to_end_on_cpu_in_quick_mode(tmp_path):
+    # single model only (dual runs the same code); aot_eager: dynamo + AOT autograd without inductor's codegen
+    r = _run(["--device", "cpu", "--quick", "-k", "gpu and single", "--no-profile", "--no-memory-subprocess",
+              "--compile-backend", "aot_eager"], tmp_path)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    data = json.loads((tmp_path / "benchmark-quick.json").read_text())
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    seen = {(x["impl"], x["precision"], x["compiled"], x["mode"]) for x in rows}
+    for mode in ("train", "eval"):
+        for precision in ("fp32", "bf16", "fp16"):
+            assert ("port", precision, False, mode) in seen
+        assert ("reference", "fp32", False, mode) in seen  # the baseline
+        assert ("reference", "fp16", False, mode) in seen  # the legacy AMP recipe
+        assert ("port", "bf16", True, mode) in seen  # torch.compile'd
+    assert all(x["device"] == "cpu" and x["samples_per_s"] > 0 and x["flops_per_step"] > 0 for x in rows)
+    assert all("mem_peak_mib" in x and x["mem_method"] for x in rows)
+    assert {x["compile_backend"] for x in rows if x["compiled"]} == {"aot_eager"}
+    peak = data["machine_info"]["tsa_matmul_peaks"]["float32"]
+    assert peak["flops_per_s"] > 0 and peak["device"] == "cpu"
+    text = (tmp_path / "summary.md").read_text()
+    assert "Matmul peak measured in this run" in text
+    assert "## GPU scenarios: fp32 / bf16 / fp16, eager / torch.compile" in text
+    assert "| single small train b8 | port | bf16 | yes |" in text
+    assert "## Targets (issue 12)" in text
+    assert not [s for s in (tmp_path / "skips.jsonl").read_text().splitlines() if s.strip()]
+
+
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = _run(["--device", "cuda", "--quick"], tmp_path, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda" in lines[0] and "no CUDA device" in lines[0]
+
+
+def _bench(name, impl, mean, flops=None, batch=256, scenario="train_eval", **extra):
+    info = {"scenario": scenario, "kind": "single", "shape": "default", "mode": "train", "batch": batch,
+            "impl": impl, "samples_per_s": batch / mean, **extra}
+    if flops:
+        info["flops_per_step"] = flops
+    return {"name": f"test_step[{name}]", "extra_info": info,
+            "stats": {"mean": mean, "stddev": 0.0, "min": mean, "median": mean, "rounds": 2}}
+
+
+def test_summary_reads_flops_against_the_measured_peak_and_one_line_adds_a_variant(monkeypatch):
+    """A port variant added to ``PORT_VARIANTS`` gets its own column and the issue-12 target rows; FLOP/s are
+    read against the run's measured peak (figures here are made up, the arithmetic is checked)."""
+    monkeypatch.setattr(common, "PORT_VARIANTS", (common.PortVariant("port"),
+                                                  common.PortVariant("port_fast", {"legacy_rng": False})))
+    peak = {"device": "cpu", "dtype": "float32", "n": 2048, "reps": 5, "threads": 2, "seconds": 0.1,
+            "flops_per_s": 100e9, "method": "best of 5 2048x2048 @ 2048x2048 products"}
+    data = {"machine_info": {"tsa_matmul_peaks": {"float32": peak}}, "benchmarks": [
+        _bench("single-default-train-b256-reference", "reference", 10.0),
+        _bench("single-default-train-b256-port", "port", 4.0, flops=300e9),
+        _bench("single-default-train-b256-port_fast", "port_fast", 2.5, flops=150e9)]}
+    text = summary.render(data, [], 60.0, quick=False, profiles={}, stamp="now", argv=[])
+    assert "float32 100.0 GFLOP/s" in text
+    assert "| default-shape train step, batch 256, 2 threads: exact path (`port`) | 2.50x" in text
+    assert "| default-shape train step, batch 256: fast path (`port_fast`) | 4.00x" in text
+    assert "| `port_fast` matmul FLOP/s at batch 256 / measured fp32 peak | 60.0% (60.0 GFLOP/s (60.0%))" in text
+    assert "port_fast (speedup; FLOP/s)" in text
+    # reference FLOP/s = the port's (useful) count / the reference's time: 300e9 / 10 s = 30 GFLOP/s (30%)
+    assert "30.0 GFLOP/s (30.0%)" in text
