@@ -219,7 +219,7 @@ def test_other_user_errors_are_one_line(small_single, tmp_path, capsys):
         ((model, "--hparams", tmp_path / "none.json", "--output", out), ["no such"]),
         ((tmp_path / "none.pt", "--hparams", h, "--output", out), ["no such file"]),
         ((model, "--output", out), ["--hparams"]),
-        ((model, "--hparams", wrong_kind, "--output", out), ["missing keys", "unexpected keys"]),
+        ((model, "--hparams", wrong_kind, "--output", out), ["holds a single model", "modelname", "dual"]),
         ((model, "--hparams", bad_value, "--output", out), ["hyperparameters", "num_heads"]),
         ((model, "--hparams", h, "--output", tmp_path / "no" / "dir.ckpt"), ["does not exist"]),
         ((model, "--to-legacy", "--output", out), ["not a Lightning checkpoint"]),
