@@ -572,10 +572,14 @@ def _plots(out: Path, split: str, labels: np.ndarray, ref: np.ndarray, port: np.
     fig = _figure(7, 4.5)
     ax = fig.subplots()
     d = (port.astype(np.float64) - ref)[np.isfinite(port) & np.isfinite(ref)]
-    ax.hist(d, bins=80, alpha=0.7, label=f"port - legacy model (max |d| {np.abs(d).max() if len(d) else 0:.2e})")
+    e = None
     if legacy_file is not None:
         e = (port.astype(np.float64) - legacy_file)[np.isfinite(port) & np.isfinite(legacy_file)]
-        ax.hist(e, bins=80, alpha=0.5, label=f"port - legacy file (max |d| {np.abs(e).max() if len(e) else 0:.2e})")
+    lim = max([1e-7] + [float(np.abs(x).max()) for x in (d, e) if x is not None and len(x)])
+    bins = np.linspace(-lim * 1.05, lim * 1.05, 81)  # common bins, symmetric; all-zero differences stay visible
+    ax.hist(d, bins=bins, alpha=0.7, label=f"port - legacy model (max |d| {np.abs(d).max() if len(d) else 0:.2e})")
+    if e is not None:
+        ax.hist(e, bins=bins, alpha=0.5, label=f"port - legacy file (max |d| {np.abs(e).max() if len(e) else 0:.2e})")
     ax.set(xlabel="score difference", ylabel="rows", title=f"Score differences ({split}, {len(ref)} rows)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)

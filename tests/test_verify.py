@@ -274,3 +274,17 @@ def test_moe_criterion_false_alarms_and_power(tmp_path):
     assert false_alarms == 0
     assert detected >= 0.8 * trials
     assert named_moved >= 0.8 * named
+
+
+def test_tsa_convert_and_tsa_score_on_the_job(no_moe_job, tmp_path, capsys):
+    """tsa-convert takes the job's model.tar.gz and string hyperparameters; tsa-score reads its channel
+    folders and writes the legacy score file byte for byte (no coin flips, the job's batch size)."""
+    from lightning_port.convert import main as convert
+    from lightning_port.serve import main as score
+
+    ckpt = tmp_path / "m.ckpt"
+    assert convert([str(no_moe_job.tarball), "--hparams", str(no_moe_job.hparams), "--output", str(ckpt)]) == 0
+    assert score([str(ckpt), "--data-dir", str(no_moe_job.data), "--split", "vali", "--out", str(tmp_path),
+                  "--batch-size", str(NO_MOE.batch_size)]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "score_file.csv").read_bytes() == (no_moe_job.model_dir / "score_file.csv").read_bytes()
