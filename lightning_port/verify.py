@@ -972,8 +972,19 @@ def _fmt(v: Any, spec: str = ".3g") -> str:
     return str(v)
 
 
+def _finite(o: Any) -> Any:
+    """JSON has no NaN/inf: they become null (the markdown report says n/a)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 def _write_reports(out: Path, report: dict[str, Any]) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (out / "report.json").write_text(json.dumps(_finite(report), indent=2, default=_json_default) + "\n")
     (out / "report.md").write_text(render_markdown(report))
 
 
@@ -1145,7 +1156,12 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     for name, s in report["splits"].items():
         lf = s.get("legacy_file")
         extra = ""
-        if lf:
+        if lf and "moe" in lf:
+            j = lf["moe"]
+            extra = (f"; legacy file (coin flips): {j['certified_failures']} of {j['certified_rows']} flip-free rows "
+                     f"differ, {j['exceedances']} rows beyond the draws' envelope, p = {j['p_value']:.2g} "
+                     f"({'pass' if lf['passed'] else 'FAIL'})")
+        elif lf:
             extra = f"; legacy file: max |diff| {lf['max_abs_diff']:.3g} ({'pass' if lf['passed'] else 'FAIL'})"
         print(f"{name}: {s['rows']} rows; legacy model vs port: max |diff| {s['max_abs_diff']:.3g}, "
               f"{s['rows_beyond_tolerance']} beyond tolerance{extra}")

@@ -288,3 +288,19 @@ def test_tsa_convert_and_tsa_score_on_the_job(no_moe_job, tmp_path, capsys):
                   "--batch-size", str(NO_MOE.batch_size)]) == 0
     capsys.readouterr()
     assert (tmp_path / "score_file.csv").read_bytes() == (no_moe_job.model_dir / "score_file.csv").read_bytes()
+
+
+def test_dual_no_moe_flat_folder_passes(tmp_path, capsys):
+    spec = JobSpec(kind="dual", test_name="isSmall_0_TwoSeq", vali_rows=70, cali_rows=50, float_codes=False,
+                   labels_2d=False)
+    job = build_job(tmp_path / "job", spec)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for split in ("vali", "cali"):
+        for p in (job.data / split).iterdir():
+            shutil.copy(p, flat / p.name)  # the same files in a flat folder
+    code, stdout, err = run_cli(capsys, job.tarball, "--data-dir", flat, "--out", tmp_path / "o", "--no-plots")
+    assert code == 0, stdout + err
+    r = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert r["model"]["kind"] == "dual" and r["splits"]["vali"]["layout"] == "flat"
+    assert r["splits"]["cali"]["legacy_file"]["max_abs_diff"] <= 1e-4
