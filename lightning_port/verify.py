@@ -99,8 +99,9 @@ class Tol:
 MODEL_TOL = Tol(1e-5, 1e-4, "legacy model and port on the same CPU, the same batches and seeds: fp32 sums in a "
                 "different association order (the tolerance of tsa-convert --verify; parity forward worst ~5e-6)")
 # (2) the legacy job scored on its GPU; its files hold exact float32 values (str(np.float32(v)))
-FILE_TOL = Tol(1e-4, 0.0, "the legacy job scored on a GPU in fp32: cuBLAS/cuDNN sum orders differ from the CPU's "
-               "by ~1e-6 relative per layer; 1e-4 on a probability leaves a 10x margin and still sees a 0.01 move")
+FILE_TOL = Tol(1e-4, 0.0, "the legacy job scored on a GPU in fp32 (exact float32 in the file): GPU and CPU sum in "
+               "different orders, fp32 rounding of ~1e-6 relative per layer (an estimate, not measured on a GPU here); "
+               "1e-4 on a probability leaves margin for it and still sees a 0.01 move")
 
 
 class VerifyError(Exception):
