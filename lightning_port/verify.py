@@ -173,11 +173,25 @@ def make_plan(n: int, batch_size: int, world: int | None = None, epoch: int | No
     return Plan(n, batch_size, world, epoch, batches, order, slot)
 
 
+def _gathered_orders(n: int, worlds: Sequence[int], epochs: Sequence[int]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(world, epoch, line -> row) for many candidates, fast: the epoch's permutation is drawn once
+    (``randperm`` of ``Generator().manual_seed(epoch)``, as DistributedSampler draws it) and shared by
+    every world size; padding repeats it cyclically, rank r takes ``padded[r::world]``. Used only to
+    SEARCH; the plan that is scored is built by torch's DistributedSampler itself (:func:`ddp_order`), and
+    tests check the two agree."""
+    for e in epochs:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0 + e)).numpy()
+        for w in worlds:
+            total = -(-n // w) * w
+            padded = np.resize(perm, total)
+            yield w, e, padded.reshape(-1, w).T.reshape(-1)[:n]
+
+
 def find_epochs(y: np.ndarray, tags: np.ndarray, world: int, epochs: range) -> list[int]:
     """The epochs whose DistributedSampler order puts the labels ``y`` in the order of ``tags``."""
     if len(tags) != len(y):
         return []
-    return [e for e in epochs if np.array_equal(y[ddp_order(len(y), world, e)[0]], tags)]
+    return [e for _, e, order in _gathered_orders(len(y), [world], epochs) if np.array_equal(y[order], tags)]
 
 
 def find_any_order(y: np.ndarray, tags: np.ndarray, epochs: range) -> tuple[int | None, int | None] | None:
@@ -186,10 +200,9 @@ def find_any_order(y: np.ndarray, tags: np.ndarray, epochs: range) -> tuple[int 
         return None
     if np.array_equal(y, tags):
         return None, None
-    for w in range(1, MAX_WORLD_SEARCHED + 1):
-        found = find_epochs(y, tags, w, epochs)
-        if found:
-            return w, found[0]
+    for w, e, order in _gathered_orders(len(y), range(1, MAX_WORLD_SEARCHED + 1), epochs):
+        if np.array_equal(y[order], tags):
+            return w, e
     return None
 
 

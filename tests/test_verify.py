@@ -238,6 +238,9 @@ def test_plan_matches_the_hand_written_recipe():
                                                            for i in range(0, len(s), 3)]
     plan = V.make_plan(10, 4)
     assert [len(b.rows) for b in plan.batches] == [4, 4, 2] and plan.line_rows.tolist() == list(range(10))
+    # the fast search order (one permutation per epoch) is torch's DistributedSampler order
+    for w, e, order in V._gathered_orders(13, [1, 2, 3, 4, 8, 20], [0, 1, 9]):
+        assert order.tolist() == V.ddp_order(13, w, e)[0].tolist(), (w, e)
 
 
 # ---- the MoE criterion: false-alarm rate and power, on simulated genuine legacy files ---------------------
