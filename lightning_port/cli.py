@@ -14,11 +14,17 @@
   newest run under ``trainer.default_root_dir/<logger_name>/`` (``best-*.ckpt`` / ``last.ckpt``), and
   test / predict / a resumed fit then log into that run's directory, so the score files land next
   to its checkpoints.
+- A user's mistake is answered in one line on stderr, exit 2, like the other commands: a bad option
+  or value (``tsa: error: Parser key "data.batch_size": Expected a <class 'int'>. Got value: abc``), a
+  model configuration the model refuses (``tsa: error: model configuration: dropout must be in [0, 1),
+  got 1.5.``), and every data problem :mod:`lightning_port.data` finds (a missing folder or file, NaN,
+  codes out of range, shapes: the message names the file). ``TSA_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,11 +32,46 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_port.data import TSADataModule
+from lightning_port.data import DataError, TSADataModule
 from lightning_port.scoring import ScoreWriter, run_dir
 from lightning_port.trainer import MONITOR, build_trainer
 
-__all__ = ["TSACLI", "main", "resolve_checkpoint"]
+__all__ = ["TSACLI", "ConfigError", "main", "resolve_checkpoint"]
+
+
+class ConfigError(ValueError):
+    """A model / data configuration the classes refuse at instantiation (one line)."""
+
+
+_NOISE = ("Expected a <class 'NoneType'>", "Given value", "Subtypes:", "Errors:", "Does not validate against any",
+          "- Problem with given class_path")
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's multi-line messages as one line: the first line plus the specific complaints."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments"
+    keep = [lines[0]] if not lines[0].startswith(_NOISE) else []
+    for ln in lines[1:]:
+        ln = ln[2:].strip() if ln.startswith("- ") else ln
+        if ln and not ln.startswith(_NOISE) and ln not in keep:
+            keep.append(ln)
+    text = " ".join(keep) if keep else lines[0]
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def _innermost_message(e: BaseException) -> str:
+    """The message of the deepest ValueError in the cause chain (the model's own complaint)."""
+    best = e
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ValueError):
+            best = cur
+        cur = cur.__cause__ or cur.__context__
+    return one_line(str(best))
 
 
 class _SaveConfig(SaveConfigCallback):
@@ -88,6 +129,21 @@ def _is_dual(class_path: str) -> bool:
 class TSACLI(LightningCLI):
     """LightningCLI wired to the TSA datamodule and trainer factory (see the module docstring)."""
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        parser = super().init_parser(**kwargs)
+        original = parser.error
+
+        def error(message: str, ex: Exception | None = None) -> None:
+            if getattr(parser, "exit_on_error", True) is False or os.environ.get("TSA_DEBUG"):
+                original(message, ex)
+                return
+            print(f"tsa: error: {one_line(message)} (tsa {{fit,validate,test,predict}} --help lists the options)",
+                  file=sys.stderr)
+            sys.exit(2)
+
+        parser.error = error  # one line, like the other commands (jsonargparse prints the usage and a block)
+        return parser
+
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(
@@ -143,7 +199,12 @@ class TSACLI(LightningCLI):
             init_args.max_epochs = max_epochs  # OneCycleLR spans the epochs the trainer runs
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:
+            if os.environ.get("TSA_DEBUG"):
+                raise
+            raise ConfigError(f"model / data configuration: {_innermost_message(e)}") from e
         hparams = dict(getattr(self.model, "hparams", {}) or {})
         if isinstance(self.datamodule, TSADataModule):
             self.datamodule.configure_from_model(hparams)
@@ -176,8 +237,14 @@ class TSACLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> int:
-    """Console entry point ``tsa``."""
-    TSACLI(args=args)
+    """Console entry point ``tsa``: 0 done, 2 a user's data or configuration mistake (one line on stderr)."""
+    try:
+        TSACLI(args=args)
+    except (DataError, ConfigError) as e:
+        if os.environ.get("TSA_DEBUG"):
+            raise
+        print(f"tsa: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,8 +2,15 @@
 
 ::
 
-    tsa-convert SOURCE --hparams H.json --output OUT.ckpt [--trust-pickle] [--allow-nonfinite] [--verify]
+    tsa-convert SOURCE [--hparams H.json] --output OUT.ckpt [--trust-pickle] [--allow-nonfinite] [--verify]
     tsa-convert CKPT --to-legacy --output LEGACY.pt
+
+SOURCE is a legacy file, a model folder or SageMaker's ``model.tar.gz`` (read by
+:func:`lightning_port.legacy_job.open_job`: hostile tar members refused, nothing written outside a
+private temporary folder); ``H.json`` is SageMaker's ``hyperparameters.json`` (string values, absent
+keys = ``train.py``'s defaults; :func:`lightning_port.legacy_job.read_hyperparameters`), found inside
+or beside SOURCE when ``--hparams`` is not given, and checked against the dimensions the state_dict
+fixes.
 
 The core is pure functions on in-memory objects (:func:`legacy_to_lightning`,
 :func:`lightning_to_legacy`, :func:`remap_optimizer_state`, ...); the weight names come from the
@@ -22,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import pickle
@@ -99,16 +105,13 @@ def _first_line(e: BaseException, limit: int | None = 300) -> str:
 
 
 def read_hparams(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+    """The raw JSON object of a hyperparameter file (typed reading: :func:`legacy_job.read_hyperparameters`)."""
+    from .legacy_job import LegacyJobError, _load_json_object
+
     try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: no such hyperparameter file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: not a JSON file ({_first_line(e)})") from None
-    if not isinstance(values, dict):
-        raise ConvertError(f"{path}: expected a flat JSON object of legacy hyperparameters")
-    return values
+        return _load_json_object(Path(path))
+    except LegacyJobError as e:
+        raise ConvertError(str(e)) from None
 
 
 def split_legacy(obj: Any, source: str = "SOURCE") -> tuple[dict[str, Tensor], dict[str, Any] | None, str]:
@@ -533,9 +536,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="tsa-convert",
         description="Convert legacy TSA checkpoints to Lightning checkpoints (and back with --to-legacy).",
         epilog="Exit codes: 0 ok, 1 --verify beyond tolerance, 2 refused or failed (one line on stderr).")
-    p.add_argument("source", help="legacy file (state_dict, DDP, training checkpoint) or, with --to-legacy, "
-                                  "a Lightning checkpoint")
-    p.add_argument("--hparams", help="flat JSON of legacy hyperparameters (train.py names, modelname)")
+    p.add_argument("source", help="legacy file (state_dict, DDP, training checkpoint), a model folder or SageMaker's "
+                                  "model.tar.gz; with --to-legacy, a Lightning checkpoint")
+    p.add_argument("--hparams", help="SageMaker's hyperparameters.json (train.py names, string values; absent keys "
+                                     "take train.py's defaults); default: hyperparameters.json inside or beside SOURCE")
+    p.add_argument("--test-name", help="the job's test_name: picks {test_name}.pt in a folder or tarball (default: "
+                                       "test_name from the hyperparameters, else the single state_dict)")
     p.add_argument("--output", required=True, help="file to write (atomically)")
     p.add_argument("--to-legacy", action="store_true", help="Lightning checkpoint -> legacy state_dict")
     p.add_argument("--trust-pickle", action="store_true",
@@ -558,13 +564,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}: legacy {ckpt.get(META_KEY, {}).get('kind', '')} state_dict, "
               f"{len(legacy)} keys")
         return EXIT_OK
-    if not args.hparams:
-        raise ConvertError("--hparams H.json is required to convert a legacy file")
-    hparams = read_hparams(args.hparams)
-    obj = load_file(args.source, args.trust_pickle)
-    legacy_sd, training, fmt = split_legacy(obj, args.source)
-    ckpt, notes = legacy_to_lightning(legacy_sd, hparams, training, allow_nonfinite=args.allow_nonfinite,
-                                      source=args.source)
+    from .legacy_job import check_state_dict, open_job, read_hyperparameters
+
+    with open_job(args.source, args.hparams, args.test_name) as job:
+        if job.hparams is None:
+            raise ConvertError(f"{args.source}: no hyperparameters.json inside or beside it; pass --hparams H.json "
+                               "(SageMaker's hyperparameters.json of the job)")
+        hp = read_hyperparameters(job.hparams)
+        label = args.source if job.source_kind == "file" else f"{args.source}:{job.model_name}"
+        obj = load_file(job.model, args.trust_pickle)
+        legacy_sd, training, fmt = split_legacy(obj, label)
+        check_state_dict(hp, legacy_sd, label)
+        hparams = hp.module_kwargs()
+        ckpt, notes = legacy_to_lightning(legacy_sd, hparams, training, allow_nonfinite=args.allow_nonfinite,
+                                          source=label)
+        notes = [*job.notes, *notes]
     for n in notes:
         print(n, file=sys.stderr)
     code = EXIT_OK
@@ -590,10 +604,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .legacy_job import LegacyJobError
+
     args = _parser().parse_args(argv)
     try:
         return run(args)
     except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except LegacyJobError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -1,6 +1,15 @@
 """LightningDataModule for the legacy TSA numpy layout (legacy-tsa.md §13).
 
-Per split (``train``, ``vali``, ``cali``) and version tag ``v`` (default ``v0``):
+Per split (``train``, ``vali``, ``cali``) and version tag ``v`` (default ``v0``), in one of two
+layouts, detected per split by :func:`detect_layout` (the ONE place that decides):
+
+``flat``
+    every file in ``DATA/``: ``DATA/vali_X_seq_cat_v0.npy``;
+``channels``
+    SageMaker input channels, one folder per split, as the legacy ``train.py`` read them
+    (``train_data_folder = f"{data_dir}/train/train"``): ``DATA/vali/vali_X_seq_cat_v0.npy``.
+
+Files per split:
 
 single
     ``{split}_X_seq_cat_{v}.npy``  (N, L, n_cat)      categorical codes (stored as float or int)
@@ -47,18 +56,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 __all__ = [
+    "LAYOUTS",
     "SPLITS",
+    "DataError",
+    "DataFileMissing",
     "ResumableDataLoader",
     "SeededEpochSampler",
     "TSADataModule",
     "TSANumpyDataset",
     "collate_tsa",
+    "detect_layout",
     "layout_files",
+    "split_files",
     "load_split",
 ]
 
 SPLITS = ("train", "vali", "cali")
+LAYOUTS = ("flat", "channels")
 Kind = Literal["single", "dual"]
+
+
+class DataError(ValueError):
+    """A user's data mistake: one line naming the file and what was expected."""
+
+
+class DataFileMissing(DataError, FileNotFoundError):
+    """A file (or the whole split) of the legacy layout is not there; the message names the paths looked for."""
 
 # Legacy temporal attention computes exp(time difference / 1e6) in float32: it overflows above ~8.8e7.
 TIME_OVERFLOW = 8.8e7
@@ -75,10 +98,15 @@ def _seq_prefixes(kind: str) -> tuple[str, ...]:
     raise ValueError(f"kind must be 'single' or 'dual', got {kind!r}")
 
 
-def layout_files(data_dir: str | Path, split: str, kind: str = "single", version: str = "v0") -> dict[str, Path]:
-    """The file of each array of one split, keyed ``seq_cat{sfx}``, ``seq_num{sfx}``, ``num``, ``y``
-    with ``sfx`` = ``""`` (single) or ``"_cid"`` / ``"_ccid"`` (dual)."""
-    d = Path(data_dir)
+def layout_files(
+    data_dir: str | Path, split: str, kind: str = "single", version: str = "v0", layout: str = "flat"
+) -> dict[str, Path]:
+    """The file of each array of one split in ``layout`` (``flat``: ``DATA/{split}_...``; ``channels``:
+    ``DATA/{split}/{split}_...``), keyed ``seq_cat{sfx}``, ``seq_num{sfx}``, ``num``, ``y`` with
+    ``sfx`` = ``""`` (single) or ``"_cid"`` / ``"_ccid"`` (dual). Names only: nothing is checked."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    d = Path(data_dir) / split if layout == "channels" else Path(data_dir)
     files: dict[str, Path] = {}
     for sfx in _seq_prefixes(kind):
         files[f"seq_cat{sfx}"] = d / f"{split}{sfx}_X_seq_cat_{version}.npy"
@@ -86,6 +114,36 @@ def layout_files(data_dir: str | Path, split: str, kind: str = "single", version
     files["num"] = d / f"{split}_X_num_{version}.npy"
     files["y"] = d / f"{split}_Y_{version}.npy"
     return files
+
+
+def detect_layout(data_dir: str | Path, split: str, kind: str = "single", version: str = "v0") -> str:
+    """``"flat"`` or ``"channels"``: the layout that holds this split's files.
+
+    Refused in one line: no file of the split in either place (the message names both paths looked
+    for), or files in both (which set is meant is then not clear).
+    """
+    d = Path(data_dir)
+    found = {lay: [p for p in layout_files(d, split, kind, version, lay).values() if p.is_file()] for lay in LAYOUTS}
+    if found["flat"] and found["channels"]:
+        raise DataError(
+            f"{d}: the {split} split is there twice, flat ({found['flat'][0]}) and as a SageMaker channel "
+            f"folder ({found['channels'][0]}); keep one"
+        )
+    for lay in ("channels", "flat"):
+        if found[lay]:
+            return lay
+    first = f"seq_cat{_seq_prefixes(kind)[0]}"
+    flat, chan = layout_files(d, split, kind, version, "flat")[first], layout_files(d, split, kind, version, "channels")[first]
+    where = "" if d.is_dir() else " (the folder does not exist)"
+    raise DataFileMissing(
+        f"{d}: no {split} data{where}: looked for {flat} (flat layout) and {chan} (SageMaker channel folder)"
+    )
+
+
+def split_files(data_dir: str | Path, split: str, kind: str = "single", version: str = "v0") -> tuple[str, dict[str, Path]]:
+    """``(layout, files)`` of one split, the layout detected by :func:`detect_layout`."""
+    layout = detect_layout(data_dir, split, kind, version)
+    return layout, layout_files(data_dir, split, kind, version, layout)
 
 
 @dataclass(frozen=True)
@@ -104,6 +162,7 @@ class LoadedSplit:
     files: dict[str, Path]
     arrays: dict[str, np.ndarray]
     dims: SplitDims
+    layout: str = "flat"
 
     def __len__(self) -> int:
         return int(self.arrays["y"].shape[0])
@@ -111,11 +170,16 @@ class LoadedSplit:
 
 def _open(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected {what}")
+        raise DataFileMissing(f"{path}: missing; expected {what}")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:  # object arrays, corrupt headers
-        raise ValueError(f"{path}: not a plain numeric .npy array ({e}); expected {what}") from None
+        # read-only map: the legacy opened its files mmap_mode="r+", we never need to write
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # object arrays, corrupt headers, truncated files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a plain numeric .npy array ({msg}); expected {what}") from None
+    if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise DataError(f"{path}: holds {getattr(arr, 'dtype', type(arr).__name__)} values; expected {what} as numbers")
+    return arr
 
 
 def _chunks(n: int, row_bytes: int) -> Iterator[slice]:
@@ -138,7 +202,7 @@ def _check_finite(path: Path, arr: np.ndarray, what: str) -> None:
         bad = ~np.isfinite(arr[sl])
         if bad.any():
             row, count = _first_bad(bad)
-            raise ValueError(
+            raise DataError(
                 f"{path}: {count} NaN/inf value(s) in {what}, first at row {sl.start + row}; expected finite values"
             )
 
@@ -152,7 +216,7 @@ def _check_codes(path: Path, arr: np.ndarray, hi: int | None) -> None:
             bad = block != np.round(block)
             if bad.any():
                 row, count = _first_bad(bad)
-                raise ValueError(
+                raise DataError(
                     f"{path}: {count} non-integer categorical code(s), first at row {sl.start + row}; "
                     "expected integer codes"
                 )
@@ -163,7 +227,7 @@ def _check_codes(path: Path, arr: np.ndarray, hi: int | None) -> None:
             row, count = _first_bad(low)
             value = block.reshape(block.shape[0], -1)[row][low.reshape(low.shape[0], -1)[row]][0]
             rng = f"0..{hi} (n_embedding - n_num_features)" if hi is not None else ">= 0"
-            raise ValueError(
+            raise DataError(
                 f"{path}: {count} categorical code(s) outside {rng}, first {value:g} at row {sl.start + row}"
             )
 
@@ -177,14 +241,14 @@ def _check_seq_num(path: Path, arr: np.ndarray) -> None:
         bad = ~np.isfinite(block)
         if bad.any():
             row, count = _first_bad(bad)
-            raise ValueError(
+            raise DataError(
                 f"{path}: {count} NaN/inf value(s), first at row {sl.start + row}; expected finite values"
             )
         mask = block[..., -1]
         bad = (mask != 0) & (mask != 1)
         if bad.any():
             row, count = _first_bad(bad)
-            raise ValueError(
+            raise DataError(
                 f"{path}: not_padded (last column) has {count} value(s) other than 0/1, first at row "
                 f"{sl.start + row}; expected 0 or 1"
             )
@@ -209,14 +273,15 @@ def load_split(
     expected: Sequence[tuple[SplitDims, str]] = (),
     validate: bool = True,
 ) -> LoadedSplit:
-    """Memory-map one split and check it; every error is one line naming the file.
+    """Memory-map one split (flat or channel layout, detected) and check it; every error is a
+    :class:`DataError` (one line naming the file; :class:`DataFileMissing` for absent files).
 
     ``expected`` holds ``(feature counts, where they come from)`` pairs (another split, the model),
     compared with this split's; ``None`` fields are not checked. ``n_embedding`` and ``n_num_features`` bound the
     categorical codes to ``0..n_embedding - n_num_features``. ``validate=False`` checks names and
     shapes only (no scan of the values).
     """
-    files = layout_files(data_dir, split, kind, version)
+    layout, files = split_files(data_dir, split, kind, version)
     arrays: dict[str, np.ndarray] = {}
     prefixes = _seq_prefixes(kind)
     for sfx in prefixes:
@@ -237,21 +302,21 @@ def load_split(
     for key, arr in arrays.items():
         path = files[key]
         if key.startswith("seq_cat") and arr.ndim != 3:
-            raise ValueError(f"{path}: shape {arr.shape}; expected 3 axes (N, L, n_cat)")
+            raise DataError(f"{path}: shape {arr.shape}; expected 3 axes (N, L, n_cat)")
         if key.startswith("seq_num") and (arr.ndim != 3 or arr.shape[-1] < 2):
-            raise ValueError(
+            raise DataError(
                 f"{path}: shape {arr.shape}; expected (N, L, n_num + 2) with time_to_last, not_padded last"
             )
         if key == "num" and arr.ndim != 2:
-            raise ValueError(f"{path}: shape {arr.shape}; expected (N, n_eng) (use (N, 0) for no engineered features)")
+            raise DataError(f"{path}: shape {arr.shape}; expected (N, n_eng) (use (N, 0) for no engineered features)")
         if key == "y" and not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1)):
-            raise ValueError(f"{path}: shape {arr.shape}; expected (N,) or (N, 1)")
+            raise DataError(f"{path}: shape {arr.shape}; expected (N,) or (N, 1)")
         if arr.shape[0] != n:
-            raise ValueError(f"{path}: {arr.shape[0]} rows; expected {n}, the rows of {files[ref_key].name}")
+            raise DataError(f"{path}: {arr.shape[0]} rows; expected {n}, the rows of {files[ref_key].name}")
     for sfx in prefixes:
         cat, num = arrays[f"seq_cat{sfx}"], arrays[f"seq_num{sfx}"]
         if num.shape[1] != cat.shape[1]:
-            raise ValueError(
+            raise DataError(
                 f"{files[f'seq_num{sfx}']}: sequence length {num.shape[1]}; expected {cat.shape[1]}, "
                 f"the length in {files[f'seq_cat{sfx}'].name}"
             )
@@ -262,12 +327,12 @@ def load_split(
     if kind == "dual":  # both sequences feed order stacks of the same width and the same table
         cat1, num1 = arrays["seq_cat_ccid"], arrays["seq_num_ccid"]
         if cat1.shape[1:] != cat0.shape[1:]:
-            raise ValueError(
+            raise DataError(
                 f"{files['seq_cat_ccid']}: shape {cat1.shape}; expected (N, {dims.seq_len}, {dims.n_cat}) like "
                 f"{files['seq_cat_cid'].name}"
             )
         if num1.shape[1:] != num0.shape[1:]:
-            raise ValueError(
+            raise DataError(
                 f"{files['seq_num_ccid']}: shape {num1.shape}; expected (N, {dims.seq_len}, {dims.n_num + 2}) like "
                 f"{files['seq_num_cid'].name}"
             )
@@ -281,7 +346,7 @@ def load_split(
         for field, (label, key) in labels.items():
             got, want = getattr(dims, field), getattr(want_dims, field)
             if want is not None and got != want:
-                raise ValueError(f"{files[key]}: {got} {label}; expected {want} ({source})")
+                raise DataError(f"{files[key]}: {got} {label}; expected {want} ({source})")
 
     if validate:
         hi = None
@@ -298,11 +363,11 @@ def load_split(
             _check_finite(files["y"], y, "the labels")
             if (yv != np.round(yv)).any():
                 row = int(np.flatnonzero(yv != np.round(yv))[0])
-                raise ValueError(f"{files['y']}: non-integer label {yv[row]:g} at row {row}; expected class indices")
+                raise DataError(f"{files['y']}: non-integer label {yv[row]:g} at row {row}; expected class indices")
         if yv.size and yv.min() < 0:
             row = int(np.flatnonzero(yv < 0)[0])
-            raise ValueError(f"{files['y']}: negative label {yv[row]:g} at row {row}; expected class indices >= 0")
-    return LoadedSplit(name=split, files=files, arrays=arrays, dims=dims)
+            raise DataError(f"{files['y']}: negative label {yv[row]:g} at row {row}; expected class indices >= 0")
+    return LoadedSplit(name=split, files=files, arrays=arrays, dims=dims, layout=layout)
 
 
 class TSANumpyDataset(Dataset):
@@ -420,7 +485,8 @@ class TSADataModule(pl.LightningDataModule):
     """Legacy numpy layout (single or dual) as a LightningDataModule.
 
     Args:
-        data_dir: directory with the ``{split}_..._{version}.npy`` files.
+        data_dir: directory with the ``{split}_..._{version}.npy`` files, flat or in SageMaker channel
+            folders ``data_dir/{split}/`` (detected per split).
         kind: ``single`` or ``dual``; ``None`` lets the CLI pick it from the model class.
         version: version tag in the file names.
         batch_size: rows per batch and per process (DDP: the global batch is ``batch_size * world_size``).
@@ -521,7 +587,14 @@ class TSADataModule(pl.LightningDataModule):
     def dims(self) -> SplitDims:
         """Feature counts read from the files (loads the training split's headers if needed)."""
         if self._dims is None:
-            first = next((s for s in SPLITS if layout_files(self.data_dir, s, self.kind or "single", self.version)["y"].is_file()), "train")
+            first = "train"
+            for s in SPLITS:
+                try:
+                    detect_layout(self.data_dir, s, self.kind or "single", self.version)
+                except DataError:
+                    continue
+                first = s
+                break
             self._load(first)
         assert self._dims is not None
         return self._dims

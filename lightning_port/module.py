@@ -114,14 +114,22 @@ class _TSAModule(L.LightningModule):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> _TSAModule:
         """Build from a config dict (flat, or with nested sections such as ``model`` /
-        ``training``); legacy aliases (``max_epoch``, ``max_lr``, ...) are accepted and keys this
-        module does not know are ignored."""
+        ``training``): the seed design's typed dicts, or legacy hyperparameters as SageMaker stores
+        them. Values of ``train.py``'s keys are read by :func:`lightning_port.legacy_job.coerce_hyperparameters`
+        (the one reader of legacy hyperparameters: strings parsed with ``train.py``'s types, SageMaker's
+        double quoting undone, a bad value refused naming its key); legacy aliases (``max_epoch``,
+        ``max_lr``, ...) are accepted and keys this module does not know are ignored. Keys the dict
+        lacks keep this constructor's defaults; for a SageMaker job, whose absent keys mean ``train.py``'s
+        defaults, build from ``legacy_job.read_hyperparameters(path).module_kwargs()``."""
+        from .legacy_job import coerce_hyperparameters
+
         flat: dict[str, Any] = {}
         for key, value in config.items():
             if isinstance(value, dict):
                 flat.update(value)
             else:
                 flat[key] = value
+        flat = coerce_hyperparameters(flat, "config")
         flat = {_CONFIG_ALIASES.get(k, k): v for k, v in flat.items()}
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         return cls(**{k: v for k, v in flat.items() if k in names})

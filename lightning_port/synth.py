@@ -2,7 +2,9 @@
 
 The embedded default for demos and tests. ``tsa-synth --kind single --out DIR --rows 4000`` writes
 ``train`` (``--rows`` rows), ``vali`` and ``cali`` (``--eval-rows`` each, default ``rows // 4``) in
-the layout of legacy-tsa.md §13, plus ``meta.json`` with the feature counts.
+the layout of legacy-tsa.md §13, plus ``meta.json`` with the feature counts: flat
+(``DIR/vali_X_seq_cat_v0.npy``) or, with ``--layout channels``, in SageMaker channel folders
+(``DIR/vali/vali_X_seq_cat_v0.npy``) as the legacy job read them.
 
 Default shape (matches ``configs/single_synthetic.yaml`` / ``configs/dual_synthetic.yaml``):
 seq_len 8, n_cat 6, n_num 5, n_eng 3, n_embedding 40 (codes in 1..35; 0 is padding), 2 classes.
@@ -143,10 +145,14 @@ def generate_split(cfg: SynthConfig, n: int, rng: np.random.Generator) -> dict[s
     return out
 
 
-def write_dataset(out_dir: str | Path, cfg: SynthConfig) -> dict:
-    """Write train / vali / cali and ``meta.json``; returns the metadata."""
-    from lightning_port.data import layout_files  # the one place that knows the file names
+def write_dataset(out_dir: str | Path, cfg: SynthConfig, layout: str = "flat") -> dict:
+    """Write train / vali / cali and ``meta.json``; returns the metadata. ``layout="channels"``
+    writes the SageMaker channel form ``out_dir/{split}/{split}_..._v0.npy`` (``meta.json`` stays at
+    the top)."""
+    from lightning_port.data import LAYOUTS, layout_files  # the one place that knows the file names
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -154,13 +160,15 @@ def write_dataset(out_dir: str | Path, cfg: SynthConfig) -> dict:
     positives = {}
     for split, n in rows.items():
         arrays = generate_split(cfg, n, rng)
-        files = layout_files(out, split, cfg.kind, cfg.version)
+        files = layout_files(out, split, cfg.kind, cfg.version, layout)
+        files["y"].parent.mkdir(parents=True, exist_ok=True)
         for key, arr in arrays.items():
             np.save(files[key], arr)
         positives[split] = int(arrays["y"].sum())
     meta = {
         "kind": cfg.kind,
         "version": cfg.version,
+        "layout": layout,
         "n_cat_features": cfg.n_cat,
         "n_num_features": cfg.n_num,
         "n_engineered_num_features": cfg.n_eng,
@@ -197,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-card-rate", type=float, default=d.empty_card_rate, help="dual: share of card histories holding only the current order")
     p.add_argument("--signal", type=float, default=d.signal, help="strength of the planted signal (0 = none)")
     p.add_argument("--version", default=d.version, help="version tag in the file names")
+    p.add_argument("--layout", choices=("flat", "channels"), default="flat",
+                   help="flat: OUT/{split}_..._v0.npy (default); channels: SageMaker input channels "
+                        "OUT/{split}/{split}_..._v0.npy, as the legacy train.py read them")
     return p
 
 
@@ -221,10 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"tsa-synth: error: {e}", file=sys.stderr)
         return 2
-    meta = write_dataset(args.out, cfg)
+    meta = write_dataset(args.out, cfg, args.layout)
     r, p = meta["rows"], meta["positives"]
+    where = f"{args.out} (channels {args.out}/{{train,vali,cali}}/)" if args.layout == "channels" else args.out
     print(
-        f"tsa-synth: wrote {cfg.kind} data to {args.out}: "
+        f"tsa-synth: wrote {cfg.kind} data to {where}: "
         + ", ".join(f"{s} {r[s]} rows ({p[s]} positive)" for s in r)
         + f"; seq_len {cfg.seq_len}, n_cat {cfg.n_cat}, n_num {cfg.n_num}, n_eng {cfg.n_eng}, n_embedding {cfg.n_embedding}"
     )

@@ -1,6 +1,9 @@
 """``python -m parity [--profile parity|deep] [--out reports/parity]``: run every parity check over
 the case registry, measure the findings, write ``report.json`` and ``report.md``; exit 1 on any
-failed check or category not yet covered."""
+failed check or category not yet covered.
+
+``python -m parity verify SOURCE --data-dir DATA ...`` is ``tsa-verify`` (so ``nox -s parity -- verify ...``
+runs it on a team's own legacy job); see ``lightning_port.verify``."""
 
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ from .report import CATEGORIES, run_meta, write_reports
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:  # the same command as tsa-verify; the default run is unchanged
+        from lightning_port.verify import main as verify_main
+
+        return verify_main(argv[1:], prog="python -m parity verify")
     ap = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
     ap.add_argument("--profile", default=os.environ.get("HYPOTHESIS_PROFILE", "parity"),
                     choices=sorted(profiles.BASE_EXAMPLES))

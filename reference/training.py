@@ -194,28 +194,47 @@ def write_score_files(out_dir, vali_scores, vali_labels, cali_scores, cali_label
 # --------------------------------------------------------------------------- numpy layout
 
 
-def split_files(data_dir, split: str, version: str = "v0", kind: str = "single") -> dict[str, Path]:
-    d = Path(data_dir)
-    files = {"x_num": d / f"{split}_X_num_{version}.npy", "y": d / f"{split}_Y_{version}.npy"}
+def split_files(data_dir, split: str, version: str = "v0", kind: str = "single", layout: str = "channels") -> dict[str, Path]:
+    """Legacy file names of one split.
+
+    legacy: `train.py` reads SageMaker input channels, `train_data_folder = f"{data_dir}/train/train"`
+    (and `vali/vali`, `cali/cali`), so the files are `{data_dir}/{split}/{split}_X_..._{version}.npy`
+    (`layout="channels"`, the default). `layout="flat"` (`{data_dir}/{split}_X_...`) is the project's
+    own flat folder, not a legacy layout.
+    """
+    if layout == "channels":
+        prefix = f"{data_dir}/{split}/{split}"  # legacy: f"{data_dir}/vali/vali"
+    elif layout == "flat":
+        prefix = f"{data_dir}/{split}"
+    else:
+        raise ValueError(f"layout must be 'channels' or 'flat', got {layout!r}")
+    files = {"x_num": Path(f"{prefix}_X_num_{version}.npy"), "y": Path(f"{prefix}_Y_{version}.npy")}
     if kind == "single":
-        files["seq_cat"] = d / f"{split}_X_seq_cat_{version}.npy"
-        files["seq_num"] = d / f"{split}_X_seq_num_{version}.npy"
+        files["seq_cat"] = Path(f"{prefix}_X_seq_cat_{version}.npy")
+        files["seq_num"] = Path(f"{prefix}_X_seq_num_{version}.npy")
     elif kind == "dual":
         for seq in ("cid", "ccid"):
-            files[f"seq_cat_{seq}"] = d / f"{split}_{seq}_X_seq_cat_{version}.npy"
-            files[f"seq_num_{seq}"] = d / f"{split}_{seq}_X_seq_num_{version}.npy"
+            files[f"seq_cat_{seq}"] = Path(f"{prefix}_{seq}_X_seq_cat_{version}.npy")
+            files[f"seq_num_{seq}"] = Path(f"{prefix}_{seq}_X_seq_num_{version}.npy")
     else:
         raise ValueError(f"kind must be 'single' or 'dual', got {kind!r}")
     return files
 
 
-def load_split(data_dir, split: str, version: str = "v0", kind: str = "single", mmap: bool = True) -> dict[str, np.ndarray]:
-    """Read one split of the legacy numpy layout into the legacy dataset's arrays (keys as in the batch dict)."""
-    files = split_files(data_dir, split, version, kind)
+def load_split(
+    data_dir, split: str, version: str = "v0", kind: str = "single", mmap: bool = True, layout: str = "channels",
+    mmap_mode: str = "r+",
+) -> dict[str, np.ndarray]:
+    """Read one split of the legacy numpy layout into the legacy dataset's arrays (keys as in the batch dict).
+
+    legacy: `np.load(path, mmap_mode="r+")` (the files must be writable); tools that only read pass
+    `mmap_mode="r"`.
+    """
+    files = split_files(data_dir, split, version, kind, layout)
     for path in files.values():
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing file of the legacy numpy layout (split {split!r})")
-    load = (lambda p: np.load(p, mmap_mode="r")) if mmap else np.load
+    load = (lambda p: np.load(p, mmap_mode=mmap_mode)) if mmap else np.load
     out = {"x_engineered_num": load(files["x_num"]), "y": np.asarray(load(files["y"])).reshape(-1)}
     suffixes = [""] if kind == "single" else ["_cid", "_ccid"]
     for sfx in suffixes:

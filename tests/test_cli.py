@@ -103,3 +103,33 @@ def test_configs_parse(name, capsys):
     printed = capsys.readouterr().out
     assert "class_path: lightning_port." in printed
     assert "data_dir:" in printed
+
+
+# ---- a user's mistake: one line naming the file or key, exit 2 ------------------------------------------
+def _one_line_error(capsys, argv) -> str:
+    code = tsa(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tsa: error:") or "Traceback" in ln]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_user_mistakes_are_one_line(tmp_path, capsys):
+    cfg = ["--config", str(ROOT / "configs" / "single_synthetic.yaml"), "--trainer.default_root_dir",
+           str(tmp_path / "o"), "--trainer.max_epochs", "1", "--trainer.progress_bar", "false"]
+    msg = _one_line_error(capsys, ["fit", *cfg, "--data.data_dir", str(tmp_path / "missing")])
+    assert f"{tmp_path}/missing/train_X_seq_cat_v0.npy" in msg and "train/train_X_seq_cat_v0.npy" in msg
+    data = tmp_path / "data"
+    tsa_synth(["--out", str(data), "--rows", "64", "--eval-rows", "64", "--layout", "channels"])
+    capsys.readouterr()
+    bad = np.load(data / "vali" / "vali_X_num_v0.npy")
+    bad[9, 0] = np.nan
+    np.save(data / "vali" / "vali_X_num_v0.npy", bad)
+    msg = _one_line_error(capsys, ["fit", *cfg, "--data.data_dir", str(data)])
+    assert "vali/vali_X_num_v0.npy" in msg and "NaN" in msg and "row 9" in msg
+    msg = _one_line_error(capsys, ["fit", *cfg, "--data.data_dir", str(data), "--model.init_args.dropout", "1.5"])
+    assert "dropout" in msg
+    with pytest.raises(SystemExit) as info:
+        tsa(["fit", *cfg, "--data.data_dir", str(data), "--data.batch_size", "abc"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "data.batch_size" in err and len(err.strip().splitlines()) == 1, err

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from lightning_port.data import (
+    DataError,
+    DataFileMissing,
     ResumableDataLoader,
     SeededEpochSampler,
     TSADataModule,
+    detect_layout,
     layout_files,
     load_split,
 )
@@ -266,3 +269,51 @@ def test_load_split_shapes_only(single_dir):
     split = load_split(single_dir, "cali", validate=False)
     assert len(split) == 64
     assert split.dims.n_eng == 3
+
+
+# ---- SageMaker channel folders (legacy-tsa §13) ----------------------------------------------------------
+def _as_channels(src, dst, kind="single"):
+    for split in ("train", "vali", "cali"):
+        (dst / split).mkdir(parents=True, exist_ok=True)
+        for key, path in layout_files(src, split, kind).items():
+            (dst / split / path.name).write_bytes(path.read_bytes())
+            assert layout_files(dst, split, kind, layout="channels")[key] == dst / split / path.name
+
+
+def test_channel_layout_is_detected_and_reads_the_same_rows(tmp_path, single_dir):
+    _as_channels(single_dir, tmp_path)
+    assert detect_layout(tmp_path, "vali") == "channels" and detect_layout(single_dir, "vali") == "flat"
+    a, b = TSADataModule(str(tmp_path), batch_size=64), TSADataModule(str(single_dir), batch_size=64)
+    a.setup("validate")
+    b.setup("validate")
+    for k, v in next(iter(a.val_dataloader())).items():
+        torch.testing.assert_close(v, next(iter(b.val_dataloader()))[k])
+
+
+def test_layout_errors_name_the_paths_looked_for(tmp_path, single_dir):
+    with pytest.raises(DataFileMissing) as info:
+        detect_layout(tmp_path / "nope", "train")
+    msg = str(info.value)
+    assert f"{tmp_path}/nope/train_X_seq_cat_v0.npy (flat layout)" in msg
+    assert f"{tmp_path}/nope/train/train_X_seq_cat_v0.npy (SageMaker channel folder)" in msg
+    assert "does not exist" in msg and isinstance(info.value, FileNotFoundError)
+    _as_channels(single_dir, tmp_path)
+    for f in single_dir.glob("vali_*.npy"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(DataError, match="vali split is there twice"):
+        detect_layout(tmp_path, "vali")
+
+
+def test_int_codes_vector_labels_and_read_only_files(tmp_path, single_dir):
+    _as_channels(single_dir, tmp_path)
+    files = layout_files(tmp_path, "vali", layout="channels")
+    _modify(files["seq_cat"], lambda a: a.astype(np.int16))
+    _modify(files["y"], lambda a: a.reshape(-1).astype(np.int64))
+    for p in (tmp_path / "vali").iterdir():
+        p.chmod(0o444)  # the legacy opened its files "r+"; we only read
+    dm = TSADataModule(str(tmp_path), batch_size=64, n_embedding=40, n_num_features=5)
+    dm.setup("validate")
+    b = next(iter(dm.val_dataloader()))
+    assert b["x_seq_cat"].dtype == torch.float32 and b["y"].dtype == torch.int64
+    raw = np.load(layout_files(single_dir, "vali")["seq_cat"])
+    np.testing.assert_array_equal(b["x_seq_cat"].numpy(), raw[:64])

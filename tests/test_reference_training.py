@@ -76,7 +76,7 @@ def write_layout(tmp_path, n=12, L=5, n_cat=3, n_num=2, n_eng=2, kind="single", 
 @pytest.mark.parametrize("kind", ["single", "dual"])
 def test_numpy_layout_reader_splits_time_and_padding_columns(tmp_path, kind):
     write_layout(tmp_path, kind=kind)
-    arrays = load_split(tmp_path, "vali", kind=kind)
+    arrays = load_split(tmp_path, "vali", kind=kind, layout="flat")
     sfx = "" if kind == "single" else "_cid"
     assert arrays[f"x_seq_num{sfx}"].shape == (12, 5, 2)
     assert arrays[f"time_to_last{sfx}"].shape == (12, 5, 1)
@@ -90,12 +90,12 @@ def test_missing_file_is_named(tmp_path):
     write_layout(tmp_path)
     (tmp_path / "vali_X_num_v0.npy").unlink()
     with pytest.raises(FileNotFoundError, match="vali_X_num_v0.npy"):
-        load_split(tmp_path, "vali")
+        load_split(tmp_path, "vali", layout="flat")
 
 
 def test_train_epoch_and_evaluate_on_numpy_layout(tmp_path):
     write_layout(tmp_path, n=16, L=5, n_cat=3, n_num=2, n_eng=2)
-    arrays = load_split(tmp_path, "vali")
+    arrays = load_split(tmp_path, "vali", layout="flat")
     loader = torch.utils.data.DataLoader(LegacyDataset(arrays), batch_size=8)
     model = build_model("single", seed=0, n_cat_features=3, n_num_features=2, n_classes=2, n_embedding=12,
                         seq_len=5, n_engineered_num_features=2, dim_embedding_table=4, dim_attn_feedforward=8,

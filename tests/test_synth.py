@@ -100,3 +100,16 @@ def test_no_signal_option(tmp_path):
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--n-embedding", "8"]) == 2
     assert "n_embedding" in capsys.readouterr().err
+
+
+def test_channels_layout(tmp_path, capsys):
+    assert main(["--kind", "single", "--out", str(tmp_path), "--rows", "64", "--eval-rows", "64", "--layout",
+                 "channels"]) == 0
+    assert "channels" in capsys.readouterr().out
+    for split in ("train", "vali", "cali"):
+        assert sorted(p.name for p in (tmp_path / split).iterdir()) == sorted(
+            p.name for p in layout_files(tmp_path, split, layout="channels").values())
+    assert json.loads((tmp_path / "meta.json").read_text())["layout"] == "channels"
+    dm = TSADataModule(str(tmp_path), batch_size=32)
+    dm.setup("fit")
+    assert sum(len(b["y"]) for b in dm.train_dataloader()) == 64
