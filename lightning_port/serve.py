@@ -90,17 +90,17 @@ class PercentileTable:
         scores, pct = arr[:, 0].copy(), arr[:, 1].copy()
         if not np.isfinite(arr).all():
             i = int(np.argmin(np.isfinite(arr).all(axis=1)))
-            raise ValueError(f"{source}: row {i} is not finite ({_short(list(arr[i]))})")
+            raise ValueError(f"{source}: row {i} is not finite ({_short([float(v) for v in arr[i]])})")
         if (np.diff(scores) < 0).any():
             i = int(np.argmax(np.diff(scores) < 0)) + 1
-            raise ValueError(f"{source}: scores must be non-decreasing, but row {i} ({scores[i]!r}) is below "
-                             f"row {i - 1} ({scores[i - 1]!r})")
+            raise ValueError(f"{source}: scores must be non-decreasing, but row {i} ({float(scores[i])!r}) is below "
+                             f"row {i - 1} ({float(scores[i - 1])!r})")
         if (np.diff(pct) <= 0).any():
             i = int(np.argmax(np.diff(pct) <= 0)) + 1
-            raise ValueError(f"{source}: percentiles must be strictly increasing, but row {i} ({pct[i]!r}) is not "
-                             f"above row {i - 1} ({pct[i - 1]!r})")
+            raise ValueError(f"{source}: percentiles must be strictly increasing, but row {i} ({float(pct[i])!r}) is "
+                             f"not above row {i - 1} ({float(pct[i - 1])!r})")
         if pct[0] < 0 or pct[-1] > 1:
-            raise ValueError(f"{source}: percentiles must lie in [0, 1], got {pct[0]!r} .. {pct[-1]!r}")
+            raise ValueError(f"{source}: percentiles must lie in [0, 1], got {float(pct[0])!r} .. {float(pct[-1])!r}")
         scores.flags.writeable = False
         pct.flags.writeable = False
         return cls(scores, pct)
@@ -118,7 +118,8 @@ def _short(v: Any, limit: int = 60) -> str:
 class _TableUnpickler(pickle.Unpickler):
     """Reads ``percentile_score.pkl`` without running code: the only globals allowed are the two numpy
     needs to rebuild a float scalar (``numpy.dtype`` for ``f4`` / ``f8`` and the scalar constructor, under
-    numpy 1's and numpy 2's module names), each replaced by a checking wrapper."""
+    numpy 1's and numpy 2's module names) and, for protocol-2 files, ``_codecs.encode`` (how protocol 2
+    spells the scalar's 4 or 8 bytes), each replaced by a checking wrapper."""
 
     SCALAR = {("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar")}
 
@@ -127,6 +128,8 @@ class _TableUnpickler(pickle.Unpickler):
             return _float_scalar
         if (module, name) == ("numpy", "dtype"):
             return _float_dtype
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a percentile table does not need "
                                      "(only numpy float scalars are allowed)")
 
@@ -139,6 +142,12 @@ def _float_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
         raise pickle.UnpicklingError(f"it holds a numpy scalar of dtype {_short(spec)}; only float32/float64 are "
                                      "allowed")
     return np.dtype(spec, copy=True)  # a copy: BUILD then sets its state, never on numpy's shared descriptor
+
+
+def _latin1_bytes(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or len(text) > 8:
+        raise pickle.UnpicklingError("it encodes something other than a float scalar's bytes")
+    return text.encode("latin1")
 
 
 def _float_scalar(dtype: Any, data: Any = None) -> np.floating:
@@ -201,17 +210,17 @@ class BSplineCalibration:
                              f"got {t.size}")
         if (np.diff(t) < 0).any():
             i = int(np.argmax(np.diff(t) < 0)) + 1
-            raise ValueError(f"{source}: 'knots' must be non-decreasing, but knots[{i}] = {t[i]!r} < "
-                             f"knots[{i - 1}] = {t[i - 1]!r}")
+            raise ValueError(f"{source}: 'knots' must be non-decreasing, but knots[{i}] = {float(t[i])!r} < "
+                             f"knots[{i - 1}] = {float(t[i - 1])!r}")
         values, counts = np.unique(t, return_counts=True)
         if counts.max() > k + 1:
-            v = values[int(np.argmax(counts))]
+            v = float(values[int(np.argmax(counts))])
             raise ValueError(f"{source}: knot {v!r} is repeated {int(counts.max())} times; at most degree + 1 = {k + 1} "
                              "(more makes the basis degenerate)")
         n = t.size - k - 1
         if not t[k] < t[n]:
             raise ValueError(f"{source}: 'knots' give an empty base interval [knots[{k}], knots[{n}]] = "
-                             f"[{t[k]!r}, {t[n]!r}]")
+                             f"[{float(t[k])!r}, {float(t[n])!r}]")
         if not n <= c.size <= t.size:
             raise ValueError(f"{source}: 'coefficients' must have len(knots) - degree - 1 = {n} values (up to "
                              f"len(knots) = {t.size} with FITPACK's zero padding), got {c.size}")
