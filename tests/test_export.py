@@ -21,9 +21,10 @@ import torch
 from lightning_port import export as ex
 from lightning_port import serve
 from lightning_port.module import DualSequenceTSA, TemporalSelfAttentionClassification
+from lightning_port.nn.moe import CAPACITY_FACTOR_EVAL, expert_capacity
 from lightning_port.nn.networks import EMPTY_CARD_MASK_SUM, GATE_KEEP_THRESHOLD
 from lightning_port.weight_map import legacy_to_port
-from parity.fixtures import LegacyCase, all_cases
+from parity.fixtures import LEGACY_DIR, LegacyCase, all_cases
 
 # required by the issue: atol 1e-4 / rtol 1e-3; the export holds to fp32 rounding, so check tighter
 ATOL, RTOL = 1e-5, 1e-4
@@ -83,14 +84,56 @@ def test_fixture_case_matches_eager_at_other_batch_sizes(case, exporter, tmp_pat
         assert (~kept).any(), "every row ran the card stack"
 
 
-@pytest.mark.parametrize("case", [c for c in all_cases() if c.kwargs.get("use_moe", True)
-                                  and not c.full_size], ids=lambda c: c.name)
+def capacity_binds(num_experts: int, n: int = ex.REPLICATED_BATCH) -> bool:
+    """Whether eval expert capacity drops tokens in a batch of ``n`` identical rows (legacy §3).
+
+    Identical rows all pick the same top-1 expert and the same top-2 expert, so each of those two experts
+    receives n tokens, at positions 0..n-1 (the second choices start after the second expert's first-choice
+    count, 0). A token is dropped iff its position reaches the capacity max(min(n, int(n·2.0/e)), 4), i.e.
+    iff that capacity is below n: int(2n/e) < n, which holds exactly when e >= 3 (e = 2 gives n, e = 1
+    gives min(n, 2n) = n)."""
+    return expert_capacity(n, CAPACITY_FACTOR_EVAL, num_experts) < n
+
+
+def _capacity_params() -> list:
+    params = [pytest.param(c, id=c.name) for c in all_cases() if c.kwargs.get("use_moe", True) and not c.full_size]
+    # the same small configuration with 2 experts (capacity = group size: never binds) and 3 (binds), random
+    # weights: both sides of the precondition are exercised whatever recordings are present
+    small = next(c for c in all_cases() if c.name == "single_small")
+    params += [pytest.param((small, e), id=f"single_small-{e}-experts") for e in (2, 3)]
+    return params
+
+
+def test_capacity_precondition_by_hand():
+    n = ex.REPLICATED_BATCH  # 24
+    assert ex.REPLICATED_BATCH == 24
+    # e = 1: max(min(24, 48), 4) = 24; e = 2: max(min(24, 24), 4) = 24; e = 3: int(48 / 3) = 16;
+    # e = 5: int(9.6) = 9; e = 16: max(int(3), 4) = 4
+    assert [expert_capacity(n, CAPACITY_FACTOR_EVAL, e) for e in (1, 2, 3, 5, 16)] == [24, 24, 16, 9, 4]
+    assert [capacity_binds(e) for e in (1, 2, 3, 5, 16)] == [False, False, True, True, True]
+    # the shipped recordings include a case where it binds, so verify()'s replicated probe tests capacity
+    assert any(capacity_binds(c.kwargs["num_experts"]) for c in all_cases()
+               if c.kwargs.get("use_moe", True) and c.path.parent == LEGACY_DIR)
+
+
+@pytest.mark.parametrize("case", _capacity_params())
 def test_replicated_batch_makes_capacity_bind(case):
-    """The replicated-row probe is only meaningful if expert capacity decides some rows' outputs."""
-    m = module_for(case)
-    x = ex.take_rows(case.inputs, [0] * ex.REPLICATED_BATCH)
+    """The replicated-row probe decides some rows' outputs by expert capacity exactly when the capacity
+    formula says it binds (issue 13 item 5: with 2 experts in eval the capacity equals the group size)."""
+    if isinstance(case, tuple):
+        base, experts = case
+        torch.manual_seed(experts)
+        cls = DualSequenceTSA if base.kind == "dual" else TemporalSelfAttentionClassification
+        m = cls(**{**base.kwargs, "num_experts": experts, "moe_eval_policy": POLICY}).eval()
+        inputs = base.inputs
+    else:
+        m, inputs, experts = module_for(case), case.inputs, case.kwargs["num_experts"]
+    x = ex.take_rows(inputs, [0] * ex.REPLICATED_BATCH)
     scores = ex.eager_outputs(m, x)["scores"]
-    assert not np.allclose(scores, scores[:1], atol=1e-6), "identical rows scored identically: capacity never bound"
+    if capacity_binds(experts):
+        assert not np.allclose(scores, scores[:1], atol=1e-6), "capacity should bind but identical rows scored alike"
+    else:  # nothing dropped: identical rows go through identical computations
+        np.testing.assert_allclose(scores, np.broadcast_to(scores[:1], scores.shape), rtol=0, atol=1e-6)
 
 
 def test_verify_reports_a_planted_mismatch(tmp_path):
