@@ -261,3 +261,168 @@ def test_score_split_with_onnx_and_eager_writes_legacy_files(kind, tmp_path, cap
 def test_score_cli_user_errors(tmp_path, capsys):
     assert serve.main(["nope.onnx", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- offline optimisation and int8 (issue 13) -------------------------------------------------------------
+def _ort_plain(model, feed):
+    """ONNX Runtime with every optimisation off: runs exactly the nodes of ``model``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def _copy(model):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+@pytest.mark.parametrize("table_as", ["transpose node", "initializer"])
+def test_gather_rewrite_is_bit_identical(table_as):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lightning_port import onnx_optimize as oo
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 8)).astype(np.float32)  # (N, D)
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["m"])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [8, "m"])
+    if table_as == "transpose node":
+        nodes = [helper.make_node("Transpose", ["table"], ["tt"], perm=[1, 0]),
+                 helper.make_node("Gather", ["tt", "idx"], ["out"], axis=1)]
+        inits = [numpy_helper.from_array(table, "table")]
+    else:  # what constant folding leaves: the transposed table stored as such
+        nodes = [helper.make_node("Gather", ["tt", "idx"], ["out"], axis=1)]
+        inits = [numpy_helper.from_array(table.T.copy(), "tt")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [idx], [out], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    rewritten = _copy(model)
+    assert oo.rewrite_gather_of_transpose(rewritten) == 1
+    onnx.checker.check_model(rewritten)
+    assert [(n.op_type, _axis(n)) for n in rewritten.graph.node] == [("Gather", 0), ("Transpose", None)]
+    codes = rng.integers(0, 50, size=(301,)).astype(np.int64)
+    (want,), (got,) = _ort_plain(model, {"idx": codes}), _ort_plain(rewritten, {"idx": codes})
+    np.testing.assert_array_equal(got, want)  # data movement only
+    np.testing.assert_array_equal(got, table[codes].T)
+
+
+def _axis(node):
+    return next((a.i for a in node.attribute if a.name == "axis"), None)
+
+
+def test_matmul_bias_rewrite_is_bit_identical():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lightning_port import onnx_optimize as oo
+
+    rng = np.random.default_rng(1)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 7, 37])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 7, 29])
+    inits = [numpy_helper.from_array(rng.normal(size=(37, 29)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(29,)).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"], name="mm"), helper.make_node("Add", ["xw", "b"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
+    rewritten = _copy(model)
+    assert oo.rewrite_matmul_bias_to_gemm(rewritten) == 1
+    onnx.checker.check_model(rewritten)
+    assert [n.op_type for n in rewritten.graph.node] == ["Reshape", "Gemm", "Reshape"]
+    for batch in (1, 5, 64):
+        feed = {"x": rng.normal(size=(batch, 7, 37)).astype(np.float32)}
+        # the same dot products with the bias added after them: equal bits (MLAS SGEMM on both sides)
+        np.testing.assert_array_equal(_ort_plain(rewritten, feed)[0], _ort_plain(model, feed)[0])
+    # two symbolic dimensions: the reshape back could not be written with constants, so no rewrite
+    two = _copy(model)
+    two.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "len"
+    assert oo.rewrite_matmul_bias_to_gemm(two) == 0
+
+
+def test_optimized_export_metadata_and_session(tmp_path):
+    import onnxruntime as ort
+
+    case = next(c for c in all_cases() if c.name == "single_small")
+    m = module_for(case)
+    opt, _ = ex.export_onnx(m, tmp_path / "opt.onnx", exporter="torchscript")
+    plain, _ = ex.export_onnx(m, tmp_path / "plain.onnx", exporter="torchscript", optimize="none")
+    meta = ex.read_metadata(opt)
+    assert meta["ort_optimization"] == "extended"
+    assert meta["onnxruntime_version"] == ort.__version__
+    assert meta["quantization"] == "none"
+    assert json.loads(meta["graph_rewrites"])["gather_rows"] == 1
+    assert meta["moe_eval_policy"] == POLICY and meta["kind"] == "single"  # the export's own keys survive
+    assert "ort_optimization" not in ex.read_metadata(plain)
+    assert {n.domain for n in onnx.load(str(plain)).graph.node} <= {"", "ai.onnx"}  # any ONNX runtime
+    assert "com.microsoft" in {n.domain for n in onnx.load(str(opt)).graph.node}  # ORT's fused kernels
+    # an optimised file loads with optimisations off (they ran at export); a plain one with ORT's default
+    level = lambda p: ex.ort_session(p).get_session_options().graph_optimization_level  # noqa: E731
+    assert level(opt) == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert level(plain) == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for path in (opt, plain):
+        report = ex.verify(path, m, inputs=case.inputs)
+        assert report.passed, [c.line() for c in report.comparisons]
+        assert report.atol == ex.DEFAULT_ATOL and report.outputs == ex.OUTPUT_NAMES
+
+
+def _quantized_scales(path):
+    model = onnx.load(str(path))
+    return model, [i for i in model.graph.initializer if i.name.endswith("_scale")]
+
+
+@pytest.mark.parametrize("name", ["single_small", "dual_small"])
+def test_int8_export_measures_its_deviation_and_verifies(name, tmp_path):
+    case = next(c for c in all_cases() if c.name == name)
+    m = module_for(case)
+    # width 16: the tiny configurations have few matmuls as wide as the default 32
+    path, _ = ex.export_onnx(m, tmp_path / "m.onnx", exporter="torchscript", quantize="int8", int8_min_width=16,
+                             deviation_rows=600)
+    meta = ex.read_metadata(path)
+    assert meta["quantization"] == "int8"
+    assert int(meta["int8_quantized_matmuls"]) > 0
+    model, scales = _quantized_scales(path)
+    assert scales, "no quantization scales in the int8 file"
+    assert any(n.op_type == "DynamicQuantizeMatMul" for n in model.graph.node)
+    assert meta["int8_deviation_rows"] == "600"
+    dmax, p999 = float(meta["int8_max_abs_dev"]), float(meta["int8_p999_abs_dev"])
+    assert 0 < p999 <= dmax < ex.INT8_ATOL
+    # int8 is held to its own tolerance on probs; the fp32 one would fail (the quantization is real)
+    report = ex.verify(path, m, inputs=case.inputs)
+    assert report.passed, [c.line() for c in report.comparisons]
+    assert (report.atol, report.rtol, report.outputs) == (ex.INT8_ATOL, ex.INT8_RTOL, ("probs",))
+    assert not ex.verify(path, m, inputs=case.inputs, atol=ex.DEFAULT_ATOL, rtol=ex.DEFAULT_RTOL).passed
+
+
+def test_int8_tolerance_catches_a_wrong_scale(tmp_path):
+    """A quantization error of the kind the int8 tolerance is there for (here: every weight scale 4x too
+    large, as a mis-scaled or saturating kernel would give) fails verification."""
+    case = next(c for c in all_cases() if c.name == "single_small")
+    m = module_for(case)
+    path, _ = ex.export_onnx(m, tmp_path / "m.onnx", exporter="torchscript", quantize="int8", int8_min_width=16,
+                             deviation_rows=100)
+    model, scales = _quantized_scales(path)
+    from onnx import numpy_helper
+
+    for s in scales:  # weight scales (activation scales are computed at run time, not stored)
+        s.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(s) * 4, s.name))
+    onnx.save_model(model, str(tmp_path / "broken.onnx"))
+    report = ex.verify(tmp_path / "broken.onnx", m, inputs=case.inputs)
+    assert not report.passed
+    assert report.worst.max_abs_err > ex.INT8_ATOL
+
+
+def test_cli_int8_prints_deviation(tmp_path, capsys):
+    case = next(c for c in all_cases() if c.name == "single_small")
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(module_for(case), ckpt)
+    out = tmp_path / "m.onnx"
+    assert ex.main([str(ckpt), "--output", str(out), "--exporter", "torchscript", "--quantize", "int8",
+                    "--int8-min-width", "16", "--deviation-rows", "300"]) == 0
+    text = capsys.readouterr().out
+    assert "ORT extended, int8 (" in text
+    assert "int8 deviation from the fp32 port over 300 probe rows: max |Δscore|" in text
+    assert f"tolerance atol {ex.INT8_ATOL:g} + rtol 0 on probs" in text
+    assert "verification passed" in text
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit 2
+        ex.main([str(ckpt), "--output", str(out), "--quantize", "int4"])
+    assert exc.value.code == 2
