@@ -298,17 +298,34 @@ def export_onnx(module: nn.Module, output: str | Path, *, moe_eval_policy: str |
     if optimize == "none" and quantize is None:
         onnx.save_model(model, str(output))
         return output, policy
-    import onnxruntime
-
     with tempfile.TemporaryDirectory(prefix="tsa-export-") as tmp:
         raw = Path(tmp) / "exported.onnx"
         onnx.save_model(model, str(raw))
-        try:
-            done = optimize_file(raw, output, level=optimize, quantize=quantize, int8_min_width=int8_min_width)
-        except Exception as exc:  # noqa: BLE001 - ORT / quantizer failures name the graph, not the user's input
-            raise ExportError(f"ONNX Runtime could not optimize the exported graph: "
-                              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                              ) from exc
+        optimize_export(raw, output, module, policy=policy, optimize=optimize, quantize=quantize,
+                        int8_min_width=int8_min_width, deviation_rows=deviation_rows)
+    return output, policy
+
+
+def optimize_export(raw: str | Path, output: str | Path, module: nn.Module, *, policy: str,
+                    optimize: str = DEFAULT_LEVEL, quantize: str | None = None,
+                    int8_min_width: int = INT8_MIN_WIDTH, deviation_rows: int = DEVIATION_ROWS) -> Path:
+    """The offline steps of :func:`export_onnx` on a plain exported file ``raw`` (``optimize="none"``) of
+    ``module`` under ``policy``: optimise (and quantize), write ``output`` with the metadata, and for int8
+    measure and store the deviation from the fp32 port. One plain export can so give several variants."""
+    import onnx
+    import onnxruntime
+
+    if optimize not in OPT_LEVELS:
+        raise ExportError(f"unknown optimization level {optimize!r}; choose one of {', '.join(OPT_LEVELS)}.")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}.")
+    output = Path(output)
+    try:
+        done = optimize_file(raw, output, level=optimize, quantize=quantize, int8_min_width=int8_min_width)
+    except Exception as exc:  # noqa: BLE001 - ORT / quantizer failures name the graph, not the user's input
+        raise ExportError(f"ONNX Runtime could not optimize the exported graph: "
+                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                          ) from exc
     optimized = onnx.load(str(output))
     meta = {"ort_optimization": optimize, "onnxruntime_version": onnxruntime.__version__,
             "graph_rewrites": json.dumps(done["rewrites"], sort_keys=True),
@@ -322,7 +339,7 @@ def export_onnx(module: nn.Module, output: str | Path, *, moe_eval_policy: str |
         dev = int8_deviation(output, module, policy=policy, rows=deviation_rows)
         _set_metadata(optimized, dev.metadata())
         onnx.save_model(optimized, str(output))
-    return output, policy
+    return output
 
 
 @contextlib.contextmanager
