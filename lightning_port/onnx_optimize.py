@@ -4,10 +4,11 @@
 exported, in this order, and saves the result, so that serving sessions start without optimising
 anything (:func:`lightning_port.export.ort_session` loads such a file with ORT's optimisations off):
 
-1. two exact graph rewrites ONNX Runtime does not do itself (see each function):
-   a gather of a transposed table becomes a row gather followed by a transpose, and an N-d
-   ``MatMul`` + bias ``Add`` becomes a 2-d ``Gemm`` between reshapes. Both compute the same numbers
-   in the same order (pure data movement, or the same dot products with the bias added last).
+1. exact graph rewrites ONNX Runtime does not do itself (see each function): a gather of a transposed
+   table becomes a row gather followed by a transpose, an N-d ``MatMul`` + bias ``Add`` becomes a 2-d
+   ``Gemm`` between reshapes, and the reshape pairs that leaves around an elementwise activation
+   between two Gemms are folded away. They compute the same numbers in the same order (pure data
+   movement, or the same dot products with the bias added last).
 2. int8 only (:func:`quantize_int8`): ``onnxruntime.quantization.quantize_dynamic`` on the weight
    matmuls at least :data:`INT8_MIN_WIDTH` wide on both sides (int8 weights per tensor, uint8
    activations quantized at run time per tensor).
@@ -187,6 +188,49 @@ def rewrite_matmul_bias_to_gemm(model: Any) -> int:
     return len(drop)
 
 
+ELEMENTWISE_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Identity")
+
+
+def fold_reshapes_around_unary(model: Any) -> int:
+    """``Reshape(U(Reshape(Y, nd)), [-1, K])`` -> ``U(Y)`` for an elementwise unary ``U`` and a 2-d ``Y`` of
+    width K (the pairs :func:`rewrite_matmul_bias_to_gemm` leaves between two Gemms: Gemm -> Relu ->
+    Gemm in every feed-forward, Gemm -> LeakyReLU -> Gemm in the aggregation chains); returns how many
+    pairs were removed. Elementwise ops do not care about the shape: the values are the same."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in g.initializer}
+    shapes = _static_shapes(model)
+    graph_outputs = {o.name for o in g.output}
+    drop: set[int] = set()
+    for r2 in g.node:
+        if r2.op_type != "Reshape" or r2.input[1] not in inits:
+            continue
+        u = producer.get(r2.input[0])
+        r1 = producer.get(u.input[0]) if u is not None and u.op_type in ELEMENTWISE_UNARY else None
+        if r1 is None or r1.op_type != "Reshape" or id(r1) in drop:
+            continue
+        y = shapes.get(r1.input[0])
+        target = list(numpy_helper.to_array(inits[r2.input[1]]))
+        if (y is None or len(y) != 2 or y[1] is None or target != [-1, y[1]]
+                or len(consumers.get(r1.output[0], [])) != 1 or len(consumers.get(u.output[0], [])) != 1
+                or {r1.output[0], u.output[0]} & graph_outputs):
+            continue
+        u.input[0] = r1.input[0]
+        u.output[0] = r2.output[0]
+        drop.update((id(r1), id(r2)))
+    nodes = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_dead(model)
+    return len(drop) // 2
+
+
 def gemm_to_matmul(model: Any) -> int:
     """``Gemm(A, B, C)`` (alpha = beta = 1, no transA) -> ``Add(MatMul(A, B'), C)`` with ``B'`` = B or its
     transpose (one transposed copy, or one Transpose node, per shared weight); the MatMul keeps the Gemm's
@@ -345,6 +389,7 @@ def optimize_file(source: str | Path, output: str | Path, *, level: str = DEFAUL
             model = onnx.load(str(q))
         if level != "none":  # after quantization: the quantizer turns every Gemm back into MatMul + Add
             counts["matmul_bias_gemm"] = rewrite_matmul_bias_to_gemm(model)
+            counts["reshapes_folded"] = fold_reshapes_around_unary(model)
         stage = Path(tmp) / "rewritten.onnx"
         onnx.save_model(model, str(stage))
         if level == "none":

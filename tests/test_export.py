@@ -426,3 +426,27 @@ def test_cli_int8_prints_deviation(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit 2
         ex.main([str(ckpt), "--output", str(out), "--quantize", "int4"])
     assert exc.value.code == 2
+
+
+def test_reshape_pairs_between_gemms_are_folded_bit_identically():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lightning_port import onnx_optimize as oo
+
+    rng = np.random.default_rng(2)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [52, "batch", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [52, "batch", 16])
+    arr = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(arr(16, 32), "w1"), numpy_helper.from_array(arr(32), "b1"),
+             numpy_helper.from_array(arr(32, 16), "w2"), numpy_helper.from_array(arr(16), "b2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["o"], name="fc2"), helper.make_node("Add", ["o", "b2"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "ff", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
+    rewritten = _copy(model)
+    assert oo.rewrite_matmul_bias_to_gemm(rewritten) == 2
+    assert oo.fold_reshapes_around_unary(rewritten) == 1
+    onnx.checker.check_model(rewritten)
+    assert [n.op_type for n in rewritten.graph.node] == ["Reshape", "Gemm", "Relu", "Gemm", "Reshape"]
+    feed = {"x": arr(52, 3, 16)}
+    np.testing.assert_array_equal(_ort_plain(rewritten, feed)[0], _ort_plain(model, feed)[0])
