@@ -175,3 +175,96 @@ def test_latency(benchmark, scenario: Scenario, options):
     benchmark.pedantic(fn, rounds=s.rounds, iterations=1, warmup_rounds=s.warmup)
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update({"achieved_flops": flops / mean, "samples_per_s": s.batch / mean})
+
+
+# --- interleaved side-by-side timing (python -m benchmarks.bench_latency) -----------------------------------
+def interleaved(kind: str, shape: str, batch: int, threads: int, rounds: int, calls: int,
+                plain: bool = True) -> dict[str, list[float]]:
+    """Per-call times of every engine, interleaved: each round runs ``calls`` calls of each engine in turn,
+    so a load change on a shared machine hits all of them; returns each engine's per-round medians (and,
+    under ``max_dprob_vs_legacy``, each engine's largest |Δprob| from the legacy model on the batch; the
+    legacy model flips its MoE coins, the port uses ``common.SERVING_POLICY``).
+    ``plain`` adds the unoptimised export run with ONNX Runtime's default optimisation at load (what the
+    export wrote before issue 13)."""
+    import statistics
+    import time
+
+    from lightning_port.export import ort_session
+
+    torch.set_num_threads(threads)
+    models = serving_models(kind, shape)
+    if "onnx_error" in models:
+        raise RuntimeError(models["onnx_error"])
+    inputs = common.make_inputs(kind, common.SHAPES[shape], batch)
+    a, kw = inputs["args"], inputs["kwargs"]
+    fns = {}
+    for impl in ("reference", "port"):
+        model = models[impl]
+        fns[impl] = lambda m=model: m(*a, **kw)
+    engines = dict(ONNX_IMPLS)
+    if plain:
+        models["port_onnx_plain_path"] = models["port_onnx_path"].parent / "plain.onnx"
+        models["port_onnx_plain_meta"] = {}
+        engines = {"port_onnx_plain": None, **engines}
+    for impl in engines:
+        sess = (ort_session(models[f"{impl}_path"], threads=threads, metadata=models[f"{impl}_meta"])
+                if impl != "port_onnx_plain" else ort_session(models["port_onnx_plain_path"], threads=threads))
+        feed = _feed(sess, kind, inputs)
+        fns[impl] = lambda s=sess, f=feed: s.run(None, f)
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        legacy = torch.softmax(fns["reference"]()[0], dim=1).numpy()
+        for name, f in fns.items():  # warm-up, and each engine's largest |Δprob| from the legacy model
+            res = f()
+            probs = torch.softmax(res[0], dim=1).numpy() if isinstance(res, tuple) else res[1]
+            out.setdefault("max_dprob_vs_legacy", []).append((name, float(abs(probs - legacy).max())))
+        for _ in range(rounds):
+            for name, f in fns.items():
+                ts = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    f()
+                    ts.append(time.perf_counter() - t0)
+                out[name].append(statistics.median(ts))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import statistics
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_latency",
+                                description="Interleaved side-by-side timing of the serving engines (same weights, "
+                                            "same inputs, one process).")
+    p.add_argument("--kind", default="single", choices=("single", "dual"))
+    p.add_argument("--shape", default="production", choices=sorted(common.SHAPES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="default: 1 at batch 1, else 2")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=None, help="calls per engine per round (default 50 at batch 1, else 1)")
+    args = p.parse_args(argv)
+    threads = args.threads or (1 if args.batch == 1 else THROUGHPUT_THREADS)
+    calls = args.calls or (50 if args.batch == 1 else 1)
+    times = interleaved(args.kind, args.shape, args.batch, threads, args.rounds, calls)
+    dprob = dict(times.pop("max_dprob_vs_legacy"))
+    models = serving_models(args.kind, args.shape)
+    inputs = common.make_inputs(args.kind, common.SHAPES[args.shape], args.batch)
+    flops = port_flops(models, args.kind, args.shape, inputs)
+    best_ref, med_ref = min(times["reference"]), statistics.median(times["reference"])
+    print(f"{args.kind} {args.shape}, batch {args.batch}, {threads} thread(s), {args.rounds} interleaved rounds of "
+          f"{calls} call(s); eager port FLOPs per call {flops / 1e9:.4f} G")
+    print(f"{'engine':<18} {'best round':>11} {'median round':>13} {'best/legacy':>12} {'median/legacy':>14} "
+          f"{'GFLOP/s':>8} {'max|Δprob| vs legacy':>21}")
+    for name, ts in times.items():
+        best, med = min(ts), statistics.median(ts)
+        print(f"{name:<18} {best * 1e3:>9.3f}ms {med * 1e3:>11.3f}ms {best / best_ref:>12.3f} {med / med_ref:>14.3f} "
+              f"{flops / best / 1e9:>8.1f} {dprob[name]:>21.2e}")
+    meta = models["port_onnx_int8_meta"]
+    print(f"int8: {meta.get('int8_quantized_matmuls')} matmuls quantized; deviation from the fp32 port over "
+          f"{meta.get('int8_deviation_rows')} probe rows: max {float(meta['int8_max_abs_dev']):.2e}, "
+          f"p99.9 {float(meta['int8_p999_abs_dev']):.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
