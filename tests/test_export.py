@@ -370,10 +370,17 @@ def _quantized_scales(path):
     return model, [i for i in model.graph.initializer if i.name.endswith("_scale")]
 
 
-@pytest.mark.parametrize("name", ["single_small", "dual_small"])
+@pytest.mark.parametrize("name", ["single_plain", "dual_small"])
 def test_int8_export_measures_its_deviation_and_verifies(name, tmp_path):
+    """int8 is offered for models without MoE (docs/onnx.md): single_plain's recorded weights, and the
+    dual_small configuration with MoE off (seeded weights)."""
     case = next(c for c in all_cases() if c.name == name)
-    m = module_for(case)
+    if case.kwargs.get("use_moe", True):
+        torch.manual_seed(0)
+        cls = DualSequenceTSA if case.kind == "dual" else TemporalSelfAttentionClassification
+        m = cls(**{**case.kwargs, "use_moe": False}).eval()
+    else:
+        m = module_for(case)
     # width 16: the tiny configurations have few matmuls as wide as the default 32
     path, _ = ex.export_onnx(m, tmp_path / "m.onnx", exporter="torchscript", quantize="int8", int8_min_width=16,
                              deviation_rows=600)
@@ -396,7 +403,7 @@ def test_int8_export_measures_its_deviation_and_verifies(name, tmp_path):
 def test_int8_tolerance_catches_a_wrong_scale(tmp_path):
     """A quantization error of the kind the int8 tolerance is there for (here: every weight scale 4x too
     large, as a mis-scaled or saturating kernel would give) fails verification."""
-    case = next(c for c in all_cases() if c.name == "single_small")
+    case = next(c for c in all_cases() if c.name == "single_plain")
     m = module_for(case)
     path, _ = ex.export_onnx(m, tmp_path / "m.onnx", exporter="torchscript", quantize="int8", int8_min_width=16,
                              deviation_rows=100)
@@ -412,7 +419,7 @@ def test_int8_tolerance_catches_a_wrong_scale(tmp_path):
 
 
 def test_cli_int8_prints_deviation(tmp_path, capsys):
-    case = next(c for c in all_cases() if c.name == "single_small")
+    case = next(c for c in all_cases() if c.name == "single_plain")
     ckpt = tmp_path / "m.ckpt"
     save_checkpoint(module_for(case), ckpt)
     out = tmp_path / "m.onnx"
@@ -423,6 +430,7 @@ def test_cli_int8_prints_deviation(tmp_path, capsys):
     assert "int8 deviation from the fp32 port over 300 probe rows: max |Δscore|" in text
     assert f"tolerance atol {ex.INT8_ATOL:g} + rtol 0 on probs" in text
     assert "verification passed" in text
+    assert "warning" not in text  # no MoE, deviation within the int8 tolerance
     with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit 2
         ex.main([str(ckpt), "--output", str(out), "--quantize", "int4"])
     assert exc.value.code == 2
@@ -450,3 +458,14 @@ def test_reshape_pairs_between_gemms_are_folded_bit_identically():
     assert [n.op_type for n in rewritten.graph.node] == ["Reshape", "Gemm", "Relu", "Gemm", "Reshape"]
     feed = {"x": arr(52, 3, 16)}
     np.testing.assert_array_equal(_ort_plain(rewritten, feed)[0], _ort_plain(model, feed)[0])
+
+
+def test_cli_int8_warns_for_moe(tmp_path, capsys):
+    case = next(c for c in all_cases() if c.name == "single_small")  # MoE
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(module_for(case), ckpt)
+    rc = ex.main([str(ckpt), "--output", str(tmp_path / "m.onnx"), "--exporter", "torchscript", "--quantize", "int8",
+                  "--int8-min-width", "16", "--deviation-rows", "100", "--no-verify"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "warning: MoE model: int8 noise changes the experts of some rows" in out

@@ -16,6 +16,11 @@ ONNX_POLICY = "threshold"
 # single models, so the int8 check quantizes every weight matmul at least 16 wide: it then has quantized
 # kernels to check on every tiny configuration.
 INT8_MIN_WIDTH = 16
+# int8 is offered for models without MoE only: top-2 routing is discontinuous, and int8 noise changes the
+# experts of some rows (up to 6.8e-2 on the score at the legacy default shape, 2.8e-2 on the tiny MoE
+# configuration found by this check; docs/onnx.md). The int8 check runs the MoE configurations with MoE
+# off (every other switch kept: time, bias, heads, engineered features, the dual gate).
+INT8_MOE_NOTE = "MoE off: int8 is not offered for MoE models (routing flips under int8 noise, docs/onnx.md)"
 
 
 def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
@@ -68,7 +73,8 @@ def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
 
 def check_onnx_int8(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
     """onnxruntime running the int8 export (``quantize="int8"``, weight matmuls >= :data:`INT8_MIN_WIDTH`
-    wide) vs the fp32 eager port: ``probs`` on hypothesis-drawn batches, held to the int8 tolerance."""
+    wide) vs the fp32 eager port: ``probs`` on hypothesis-drawn batches, held to the int8 tolerance.
+    MoE configurations run with MoE off (:data:`INT8_MOE_NOTE`)."""
     import tempfile
     from pathlib import Path
 
@@ -93,6 +99,9 @@ def check_onnx_int8(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
     kw = dict(NAMED_CONFIGS["tiny-dual" if case.model == "dual:tiny" else case.config_id])
     if case.kind == "dual":
         kw.pop("use_mlp", None)
+    if kw.get("use_moe"):
+        kw["use_moe"] = False
+        rec.notes += "; " + INT8_MOE_NOTE
     config = S.ModelConfig(kw, case.config_id)
     try:
         pair = make_pair(case, config, 7, moe_eval_policy=ONNX_POLICY, mutate=ctx.mutate)
