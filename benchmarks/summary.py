@@ -319,6 +319,8 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
                      f"{_fmt(onnx['mean'] / ref['mean'] if ref and onnx else None, '.3f')} |")
         L.append("")
 
+    L += render_serving(rows)  # issue 13 (bench_latency.py): all four engines, FLOP/s
+
     # ---- GPU
     L += _gpu_section(rows, idx, pk)
 
@@ -454,5 +456,46 @@ def _gpu_section(rows: list[dict], idx: dict, pk: dict) -> list[str]:
                      f"{_fmt(mfu * 100 if mfu is not None else None, '.1f', '%')} | "
                      f"{_fmt(sheet * 100 if sheet is not None else None, '.1f', '%')} | "
                      f"{_fmt(r.get('mem_peak_mib'), '.0f')} |")
+    L.append("")
+    return L
+
+
+# ---- serving (issue 13; benchmarks/bench_latency.py) ----------------------------------------------------
+SERVING_IMPLS = (("reference", "legacy eager"), ("port", "port eager"), ("port_onnx", "ONNX fp32"),
+                 ("port_onnx_int8", "ONNX int8"))
+
+
+def render_serving(rows: list[dict]) -> list[str]:
+    """Batch-1 latency (1 thread) and batch-1024 throughput (2 threads) of the four serving engines: mean time,
+    ratio to the legacy eager model, and achieved FLOP/s (the eager port's FlopCounterMode count / time)."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if r.get("scenario") in ("latency", "throughput") and r.get("flops"):
+            groups[(r["scenario"], r["kind"], r["shape"], r["batch"], r.get("threads"))][r["impl"]] = r
+    if not groups:
+        return []
+    L = ["## Serving: batch-1 latency and batch-scoring throughput, four engines", "",
+         "Mean per call; in brackets the ratio to the legacy eager model's mean (< 1: faster) and the achieved "
+         "GFLOP/s (the eager port's FLOP count at that batch / the engine's time). ONNX files as `tsa-export-onnx` "
+         "writes them (fp32: optimised offline at `extended`; int8: `--quantize int8`).", "",
+         "| scenario | threads | GFLOP per call | " + " | ".join(name for _, name in SERVING_IMPLS) + " | int8 max / p99.9 |Δscore| |",
+         "|---|---|---|" + "---|" * len(SERVING_IMPLS) + "---|"]
+    for key in sorted(groups, key=lambda k: (k[0] != "latency", k[1], k[2])):
+        scenario, kind, shape, batch, threads = key
+        impls = groups[key]
+        ref = impls.get("reference")
+        flops = next(iter(impls.values()))["flops"]
+        cells = []
+        for impl, _ in SERVING_IMPLS:
+            r = impls.get(impl)
+            if r is None:
+                cells.append("—")
+                continue
+            ratio = f"{r['mean'] / ref['mean']:.3f}, " if ref else ""
+            cells.append(f"{_fmt_s(r['mean'])} ({ratio}{flops / r['mean'] / 1e9:.1f} GFLOP/s)")
+        q = impls.get("port_onnx_int8") or {}
+        dev = (f"{float(q['int8_max_abs_dev']):.1e} / {float(q['int8_p999_abs_dev']):.1e}"
+               if q.get("int8_max_abs_dev") else "—")
+        L.append(f"| {kind} {shape}, batch {batch} | {threads} | {flops / 1e9:.3f} | " + " | ".join(cells) + f" | {dev} |")
     L.append("")
     return L

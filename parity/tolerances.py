@@ -50,6 +50,14 @@ OVERRIDES: dict[str, Tolerance] = {
     "training.lrs": Tolerance(1e-12, 0.0, "OneCycleLR is closed form: the same float arithmetic"),
     # Issue 7: onnxruntime vs eager; ORT fuses and reorders kernels (MatMul+Add, LayerNorm).
     "onnx.scores": Tolerance(1e-3, 1e-4, "onnxruntime's fused kernels reorder fp32 sums (issue 7 tolerance)"),
+    # Issue 13: the int8 export's probabilities vs the fp32 eager port, models without MoE (int8 is not
+    # offered for MoE: routing flips, see parity/checks/onnxrt.py). The int8 model's accuracy target
+    # (issue 13: scores within 2e-2); measured without MoE: tiny-plain 1.3e-3 (5000 probe rows), 1.1e-3 on
+    # this check's drawn batches; the production and default shapes 4.8e-3 / 4.4e-3 (docs/onnx.md), so a 4x
+    # margin at least, and a mis-scaled or saturating int8 kernel moves probabilities by far more
+    # (tests/test_export.py).
+    "onnx.int8_probs": Tolerance(0.0, 2e-2, "int8 quantization error: the int8 accuracy target of issue 13 "
+                                 "(|Δprob| <= 2e-2); measured without MoE 1.1e-3..4.8e-3 (docs/onnx.md)"),
 }
 
 # Final weights after N Adam steps: an element that fails the output tolerance is allowed only when its

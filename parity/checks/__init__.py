@@ -26,7 +26,7 @@ from .gradient import check_gradient
 from .init import check_init
 from .loss import check_loss
 from .metrics import check_metrics
-from .onnxrt import check_onnx
+from .onnxrt import check_onnx, check_onnx_int8
 from .precision import (
     VARIANTS,
     check_not_on_this_machine,
@@ -53,6 +53,7 @@ __all__ = [
     "check_precision",
     "check_precision_resume",
     "check_precision_training",
+    "check_onnx_int8",
     "check_structure",
     "check_training",
     "groups",
@@ -85,6 +86,7 @@ def groups() -> list[Group]:
     out += [Group("training", f"training {m}", partial(check_training, case(m))) for m in TRAINING_CASES]
     out.append(Group("metrics", "metrics", check_metrics))
     out += [Group("onnx", f"onnx {m}", partial(check_onnx, case(m))) for m in ONNX_CASES]
+    out += [Group("onnx", f"onnx int8 {m}", partial(check_onnx_int8, case(m))) for m in ONNX_CASES]
     out.append(Group("checkpoint", "checkpoint (every legacy file format)", check_checkpoint))
     out += _precision_groups()
     return out
