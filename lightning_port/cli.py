@@ -157,7 +157,7 @@ class TSACLI(LightningCLI):
             return
         best = ck.best_model_score
         score = f"{float(best):.4f}" if best is not None else "n/a"
-        print(f"tsa: best checkpoint {ck.best_model_path} ({MONITOR} {score}); last {ck.last_model_path}")
+        print(f"tsa: best checkpoint {ck.best_model_path} ({ck.monitor or MONITOR} {score}); last {ck.last_model_path}")
         print(f"tsa: logs in {run_dir(self.trainer)}")
 
     def _report_written(self) -> None:
