@@ -299,6 +299,7 @@ class LegacyEpoch:
     saved_best: bool
     es_counter: int
     early_stop: bool  # the flag after this epoch's early_stopping call
+    vali_scores: np.ndarray | None = None  # softmax[:, -1] of this epoch's validation pass (harness record)
 
 
 @dataclass
@@ -324,7 +325,8 @@ def legacy_fit(model, train_batches, vali_batches, cali_batches, model_dir, kind
     the order), `vali_batches` / `cali_batches` are re-iterable. Files go to `model_dir`: `{test_name}.pt` (best
     weights), `checkpoint.pt` (early-stopping file) and, only after an early stop, the score files and
     `percentile_score.pkl`. Harness hooks (not in train.py): `before_step(global_step)` right before each training
-    forward pass, `before_eval(split, epoch)` right before each evaluation pass (`split` "vali" or "cali").
+    forward pass, `before_eval(what, epoch)` right before each evaluation pass (`what`: "vali" each epoch,
+    "best_vali" / "best_cali" for the final scoring of the reloaded best weights).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -340,10 +342,10 @@ def legacy_fit(model, train_batches, vali_batches, cali_batches, model_dir, kind
             run.early_stopped = True
             model.load_state_dict(torch.load(best_path, weights_only=True))  # reload the best (strict) epoch
             if before_eval is not None:
-                before_eval("vali", epoch)
+                before_eval("best_vali", epoch)
             run.vali_scores, run.vali_labels, _ = evaluate(model, vali_batches, kind)
             if before_eval is not None:
-                before_eval("cali", epoch)
+                before_eval("best_cali", epoch)
             run.cali_scores, run.cali_labels, _ = evaluate(model, cali_batches, kind)
             write_score_files(model_dir, run.vali_scores, run.vali_labels, run.cali_scores, run.cali_labels)
             run.files = {name: model_dir / name for name in ("score_file.csv", "tag_file.csv", "cali_score_file.csv",
@@ -368,7 +370,7 @@ def legacy_fit(model, train_batches, vali_batches, cali_batches, model_dir, kind
         if early_stopping.early_stop and run.flag_epoch is None:
             run.flag_epoch = epoch
         run.epochs.append(LegacyEpoch(epoch, lr_now, losses, vali_loss, auc_raw, auc, saved, early_stopping.counter,
-                                      early_stopping.early_stop))
+                                      early_stopping.early_stop, probs))
     # legacy quirk: when max_epoch ends the loop (also when the last epoch raised the flag) nothing is scored or written
     run.best_auc = best_auc
     return run

@@ -1,0 +1,131 @@
+"""The legacy train.py loop of reference/ (legacy_fit) and the convergence comparison of parity/convergence.py.
+
+Small configurations: a 4-wide model on 96 training rows; a few seconds each.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import reference.training as R
+from lightning_port.synth import SynthConfig, write_dataset
+from parity.convergence import (
+    Protocol,
+    auc_tolerance,
+    compare_convergence,
+    convergence_figure,
+    legacy_decisions,
+    run_convergence,
+)
+from parity.rng import seeded
+from reference import build_model
+
+KW = {"n_cat_features": 3, "n_num_features": 2, "n_classes": 2, "n_embedding": 12, "seq_len": 4,
+      "n_engineered_num_features": 2, "dim_embedding_table": 4, "dim_attn_feedforward": 8, "use_mlp": 0,
+      "num_heads": 1, "dropout": 0.1, "n_layers_order": 1, "n_layers_feature": 1, "emb_tbl_use_bias": 1,
+      "use_moe": False, "num_experts": 1, "use_time_seq": True}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    write_dataset(d, SynthConfig(kind="single", rows=96, eval_rows=64, seq_len=4, n_cat=3, n_num=2, n_eng=2,
+                                 n_embedding=12, seed=3))
+    return d
+
+
+def legacy_batches(data, split, batch_size=32):
+    ds = R.LegacyDataset(R.load_split(data, split))
+    return list(torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False))
+
+
+def scripted_fit(data, tmp_path, monkeypatch, aucs, max_epoch, patience=1):
+    """legacy_fit with the validation AUC replaced by a recorded sequence (the rest is the real loop)."""
+    script = iter(aucs)
+    monkeypatch.setattr(R, "legacy_auc", lambda labels, scores: next(script))
+    with seeded(0):
+        model = build_model("single", **KW)
+    train = legacy_batches(data, "train")
+    return R.legacy_fit(model, lambda epoch: train, legacy_batches(data, "vali"), legacy_batches(data, "cali"),
+                        tmp_path, lr=1e-3, scheduler_maxlr=1e-2, max_epoch=max_epoch, patience=patience)
+
+
+def test_legacy_fit_reloads_the_strict_best_after_the_stop_flag(data, tmp_path, monkeypatch):
+    # rounded: .6 .7 .7 .65 -> best epoch 1 (epoch 2 ties: kept earlier), the tie resets the counter,
+    # epoch 3 is below: counter 1 = patience -> flag; read at the top of epoch 4: reload epoch 1, score, write
+    run = scripted_fit(data, tmp_path, monkeypatch, [0.60001, 0.70004, 0.69996, 0.65], max_epoch=6)
+    assert [e.auc for e in run.epochs] == [0.6, 0.7, 0.7, 0.65]
+    assert [e.saved_best for e in run.epochs] == [True, True, False, False]
+    assert [e.es_counter for e in run.epochs] == [0, 0, 0, 1]
+    assert (run.best_epoch, run.flag_epoch, run.early_stopped, len(run.epochs)) == (1, 3, True, 4)
+    # the reloaded weights are epoch 1's: eval is deterministic without MoE, so its scores come back exactly
+    np.testing.assert_array_equal(run.vali_scores, run.epochs[1].vali_scores)
+    assert not np.array_equal(run.vali_scores, run.epochs[3].vali_scores)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.pt", "checkpoint.pt", "score_file.csv", "tag_file.csv", "cali_score_file.csv", "cali_tag_file.csv",
+         "percentile_score.pkl"])
+    assert len(pickle.loads((tmp_path / "percentile_score.pkl").read_bytes())) == 1000
+    # checkpoint.pt (the early-stopping file) was overwritten by the tie at epoch 2: not the best model
+    best, es = (torch.load(tmp_path / n, weights_only=True) for n in ("model.pt", "checkpoint.pt"))
+    assert any(not torch.equal(best[k], es[k]) for k in best)
+
+
+def test_legacy_fit_writes_nothing_when_the_flag_comes_at_the_last_epoch(data, tmp_path, monkeypatch):
+    run = scripted_fit(data, tmp_path, monkeypatch, [0.6, 0.7, 0.65], max_epoch=3)
+    assert (run.flag_epoch, run.early_stopped, run.vali_scores) == (2, False, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "model.pt"]
+
+
+def test_legacy_decisions_on_ties():
+    assert legacy_decisions([0.5, 0.6, 0.6, 0.6, 0.59, 0.6, 0.58, 0.57], patience=2) == (1, 7)
+    assert legacy_decisions([0.5, 0.6, 0.6], patience=1) == (1, None)
+
+
+def test_auc_tolerance_counts_the_pairs_the_differences_can_swap():
+    legacy = np.array([0.10, 0.20, 0.30, 0.50])
+    labels = np.array([0, 1, 0, 1])  # pairs (pos, neg): (.2,.1) (.2,.3) (.5,.1) (.5,.3)
+    port = legacy + np.array([0.0, 0.06, 0.0, 0.0])  # only the .2 positive moved, by .06
+    # pairs within |d_pos| + |d_neg| = .06: (.2,.3) is .1 apart: none; (.2,.1) is .1 apart: none
+    assert auc_tolerance(legacy, port, labels) == 0.0
+    port = legacy + np.array([0.0, 0.1, 0.0, 0.0])  # now both (.2,.1) and (.2,.3) lie within .1
+    assert auc_tolerance(legacy, port, labels) == 2 / 4
+
+
+def _pair(seed=0, **port_options):
+    from lightning_port import TemporalSelfAttentionClassification
+    from lightning_port.weight_map import legacy_to_port
+
+    with seeded(seed):
+        legacy = build_model("single", **KW)
+    port = TemporalSelfAttentionClassification(**KW, **port_options)
+    port.network.load_state_dict(legacy_to_port(legacy.state_dict(), port.config, "single"))
+    return legacy, port
+
+
+PROTOCOL = Protocol(max_epochs=5, patience=1, batch_size=32, lr=1e-3, scheduler_maxlr=1e-2, data_seed=3)
+
+
+def test_run_convergence_agrees_and_catches_a_planted_optimizer_bug(data, tmp_path):
+    legacy, port = _pair()
+    res = run_convergence(legacy, port, data, "single", PROTOCOL, tmp_path / "ok", label="tiny",
+                          reference_threads=None)
+    assert res.legacy.epochs == res.port.epochs >= 1
+    for name in ("convergence.train_loss", "convergence.vali_loss", "convergence.auc"):
+        assert res.comparisons[name].passed, res.comparisons[name].report()
+    assert res.legacy.step_lrs == pytest.approx(res.port.step_lrs, rel=1e-12)
+    # the same run with Adam's beta2 0.99 instead of the legacy 0.999 on the port side
+    legacy, port = _pair(beta2=0.99)
+    bad = run_convergence(legacy, port, data, "single", PROTOCOL, tmp_path / "bad", reference_threads=None)
+    train = bad.comparisons["convergence.train_loss"]
+    assert not train.passed
+    assert train.mismatches[0].path.startswith("train_loss[epoch") or "step" in train.mismatches[0].path
+    # a port whose selection disagrees with its own AUCs is caught (the legacy rules on the port's AUCs)
+    bad.port.best_epoch = (bad.port.best_epoch or 0) + 1
+    assert not compare_convergence(bad)["convergence.selection"].passed
+    fig = convergence_figure([res, bad])
+    fig.savefig(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
