@@ -43,6 +43,7 @@ __all__ = [
     "LegacyEarlyStopping",
     "LegacyValAUC",
     "legacy_round",
+    "legacy_selection_problem",
     "legacy_validation_auc",
 ]
 
@@ -62,6 +63,19 @@ def legacy_round(auc: Any) -> float:
     float from ``roc_auc_score``, which is what the recorded legacy runs used.
     """
     return round(float(auc), LEGACY_AUC_DECIMALS)
+
+
+def legacy_selection_problem(val_check_interval: Any = None, check_val_every_n_epoch: Any = 1,
+                             n_classes: Any = None) -> str | None:
+    """Why ``legacy_selection`` cannot apply to these settings (one line), or ``None``."""
+    if val_check_interval not in (None, 1, 1.0) or check_val_every_n_epoch != 1:
+        return ("legacy_selection: the legacy loop validates once at the end of every epoch; got "
+                f"val_check_interval={val_check_interval!r}, check_val_every_n_epoch={check_val_every_n_epoch!r} "
+                "(use 1.0 and 1)")
+    if n_classes is not None and n_classes != 2:
+        return (f"legacy_selection needs a 2-class model (the legacy AUC is roc_auc_score on softmax[:, -1]); "
+                f"this model has n_classes={n_classes}")
+    return None
 
 
 def legacy_validation_auc(labels: Any, scores: Any) -> float:
@@ -97,12 +111,9 @@ class LegacyValAUC(Callback):
         self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        n_classes = getattr(pl_module, "hparams", {}).get("n_classes", 2)
-        if n_classes != 2:
-            raise ValueError(
-                f"legacy_selection needs a 2-class model (the legacy AUC is roc_auc_score on softmax[:, -1]); "
-                f"this model has n_classes={n_classes}"
-            )
+        problem = legacy_selection_problem(n_classes=getattr(pl_module, "hparams", {}).get("n_classes", 2))
+        if problem:
+            raise ValueError(problem)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._buf = []

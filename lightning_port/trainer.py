@@ -43,7 +43,13 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_port.scoring import ScoreWriter
-from lightning_port.selection import LEGACY_MONITOR, LegacyBestCheckpoint, LegacyEarlyStopping, LegacyValAUC
+from lightning_port.selection import (
+    LEGACY_MONITOR,
+    LegacyBestCheckpoint,
+    LegacyEarlyStopping,
+    LegacyValAUC,
+    legacy_selection_problem,
+)
 
 __all__ = [
     "BEST_FILENAME",
@@ -185,12 +191,9 @@ def build_trainer(
     """
     cbs: list[Callback] = []
     if legacy_selection:
-        if val_check_interval not in (None, 1, 1.0) or check_val_every_n_epoch != 1:
-            raise ValueError(
-                "legacy_selection: the legacy loop validates once at the end of every epoch; got "
-                f"val_check_interval={val_check_interval!r}, check_val_every_n_epoch={check_val_every_n_epoch!r} "
-                "(use 1.0 and 1)"
-            )
+        problem = legacy_selection_problem(val_check_interval, check_val_every_n_epoch)
+        if problem:
+            raise ValueError(problem)
         cbs.append(LegacyValAUC(LEGACY_MONITOR))
         cbs.append(LegacyBestCheckpoint(LEGACY_MONITOR, save_last=True, filename=BEST_FILENAME,
                                         auto_insert_metric_name=False))

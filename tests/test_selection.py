@@ -179,3 +179,21 @@ def test_legacy_selection_needs_validation_every_epoch_and_two_classes(tmp_path)
 def test_legacy_auc_needs_two_classes():
     with pytest.raises(ValueError, match=r"1 class\(es\)"):
         legacy_validation_auc(np.zeros(5), np.linspace(0, 1, 5))
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--trainer.val_check_interval", "0.5"], "validates once at the end of every epoch"),
+    (["--model.init_args.n_classes", "3"], "needs a 2-class model"),
+])
+def test_tsa_cli_refuses_impossible_legacy_selection_in_one_line(tmp_path, capsys, extra, words):
+    from pathlib import Path
+
+    from lightning_port.cli import main as tsa
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "single_synthetic.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        tsa(["fit", "--config", str(config), "--data.data_dir", str(tmp_path), "--trainer.default_root_dir",
+             str(tmp_path), "--trainer.legacy_selection", "true", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
