@@ -122,7 +122,7 @@ def _convergence_section(out_dir: Path, runs: list) -> list[str]:
         md += ["", f"![legacy loop vs Trainer.fit, per epoch]({CONVERGENCE_PNG})", "",
                "| run | epochs trained (legacy / port) | best epoch | early stop raised after epoch | "
                "final AUC (legacy / port) | max \\|port − legacy\\| score | max \\|legacy − legacy\\| score, "
-               "other thread count | seconds (legacy / port) |", "|---|---|---|---|---|---|---|---|"]
+               "other thread count | seconds (legacy / port / legacy again) |", "|---|---|---|---|---|---|---|---|"]
         for r in runs:
             L, P = r.legacy, r.port
             ref = "–" if r.legacy_spread is None else _fmt(r.legacy_spread)
@@ -130,7 +130,8 @@ def _convergence_section(out_dir: Path, runs: list) -> list[str]:
                 ref += f" (reproduces itself for {r.horizon} epochs)"
             md.append(f"| {r.label} | {L.epochs} / {P.epochs} | {L.best_epoch} / {P.best_epoch} | "
                       f"{L.stop_epoch} / {P.stop_epoch} | {L.auc[-1] if L.auc else '–'} / {P.auc[-1] if P.auc else '–'} | "
-                      f"{_fmt(r.port_spread)} | {ref} | {L.seconds:.0f} / {P.seconds:.0f} |")
+                      f"{_fmt(r.port_spread)} | {ref} | {L.seconds:.0f} / {P.seconds:.0f} / "
+                      f"{r.reference.seconds if r.reference is not None else 0:.0f} |")
     return md
 
 

@@ -12,10 +12,10 @@ training order, reseeding before every step and every evaluation pass). Checks p
   trained; and the port's decisions are the legacy rules applied to its own AUCs;
 - `convergence.score_files`: the score files of the reloaded best weights (vali, cali, tags, percentile table).
 
-Tolerances grow with the steps taken (``parity.convergence.STEP_REASON``). Each example also runs the legacy loop a
-second time with another torch thread count (only the rounding changes): its distance from the first legacy run is
-reported next to the port's, and the curves are compared for as long as the legacy reproduces itself within the
-step tolerance (the whole run in the default profile). The configurations have no
+Tolerances grow with the steps taken (``parity.convergence.STEP_REASON``). In the deep profile each example also runs
+the legacy loop a second time with another torch thread count (only the rounding changes): its distance from the
+first legacy run is reported next to the port's, and the curves are compared for as long as the legacy reproduces
+itself within the step tolerance. The configurations have no
 value-dependent routing: top-2 MoE (``num_experts`` >= 2) makes training chaotic at fp32 (docs/parity.md), so
 the examples use the legacy ``train.py`` default MoE (one expert) or none.
 """
@@ -57,13 +57,14 @@ class Plan:
     scheduler_maxlr: float = 3e-3
     max_epochs: int = 20
     patience: int = 2
+    reference: bool = False  # also run the legacy loop again with another thread count (its own reproducibility)
 
 
 PLANS = {
     "quick": Plan((Example(0, 1),)),
     "parity": Plan((Example(0, 0), Example(0, 1))),
     "deep": Plan(tuple(Example(s, e) for s in range(4) for e in (0, 1)), rows=1024, eval_rows=512, max_epochs=30,
-                 patience=3),
+                 patience=3, reference=True),
 }
 
 
@@ -93,7 +94,8 @@ def run_example(kind: str, example: Example, plan: Plan, work: Path):
                         scheduler_maxlr=plan.scheduler_maxlr, data_seed=example.seed)
     moe = f"MoE x{example.num_experts}" if example.num_experts else "no MoE"
     label = f"{kind} seed {example.seed}, {moe}"
-    return run_convergence(pair.legacy, pair.port, data, kind, protocol, work / "run", label=label)
+    return run_convergence(pair.legacy, pair.port, data, kind, protocol, work / "run", label=label,
+                           reference_threads=-1 if plan.reference else None)
 
 
 def check_convergence(kind: str, ctx: RunContext) -> list[CheckRecord]:
@@ -110,7 +112,8 @@ def check_convergence(kind: str, ctx: RunContext) -> list[CheckRecord]:
             "convergence.score_files": STEP_TOL}
     notes = (f"{len(plan.examples)} run(s): {plan.rows} training rows, {plan.eval_rows} vali/cali rows, batch "
              f"{plan.batch_size}, lr {plan.lr:g}, max_lr {plan.scheduler_maxlr:g}, max_epochs {plan.max_epochs}, "
-             f"patience {plan.patience}; atol/rtol shown are those at the last step compared")
+             f"patience {plan.patience}; legacy reference run (other thread count): {'yes' if plan.reference else 'no'}; "
+             "atol/rtol shown are those at the last step compared")
     records = {name: CheckRecord.new(name, "convergence", model, tols[name], notes=notes) for name in CHECKS}
     for example in plan.examples:
         t0 = time.time()
