@@ -197,3 +197,24 @@ def test_tsa_cli_refuses_impossible_legacy_selection_in_one_line(tmp_path, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_legacy_val_auc_uses_each_validation_row_once():
+    """Rows a distributed sampler repeats (same row_index) count once, in file order, as in the legacy AUC."""
+    from types import SimpleNamespace
+
+    from lightning_port.selection import LegacyValAUC
+
+    cb = LegacyValAUC()
+    trainer = SimpleNamespace(world_size=1, sanity_checking=False)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    y = torch.tensor([0, 1, 1, 0])
+    batches = [{"row_index": torch.tensor([0, 1])}, {"row_index": torch.tensor([2, 3])},
+               {"row_index": torch.tensor([2, 3])}]  # padding: rows 2 and 3 again
+    for b, rows in zip(batches, ([0, 1], [2, 3], [2, 3])):
+        cb.on_validation_batch_end(trainer, None, {"probs": probs[rows], "y": y[rows]}, b, 0)
+    scores, labels = cb._gathered(trainer)
+    np.testing.assert_array_equal(labels, [0, 1, 1, 0])
+    np.testing.assert_allclose(scores, [0.1, 0.8, 0.4, 0.7])
+    # pairs (pos, neg): (.8,.1) (.8,.7) (.4,.1) in order, (.4,.7) not: 3/4 (the repeats counted would give 5/9)
+    assert legacy_validation_auc(labels, scores) == 0.75
