@@ -424,6 +424,10 @@ def compare_convergence(res: ConvergenceResult) -> dict[str, Comparison]:
     if (P.best_epoch, P.stop_epoch) != expected_port:
         problems.append(f"port decisions (best {P.best_epoch}, stop {P.stop_epoch}) are not the legacy rules on its "
                         f"own rounded AUCs (best {expected_port[0]}, stop {expected_port[1]})")
+    for side, c in (("legacy", L), ("port", P)):
+        for e, (raw, rounded) in enumerate(zip(c.auc_raw, c.auc)):
+            if rounded != round(float(raw), 4):
+                problems.append(f"{side} rounded AUC {rounded} at epoch {e} is not round({raw!r}, 4)")
     straddles = [e for e in range(n) if L.auc[e] != P.auc[e]]
     last = L.stop_epoch if L.stop_epoch is not None else L.epochs - 1  # the legacy's last decision
     decided_within = res.horizon is None or last < res.horizon

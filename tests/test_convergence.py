@@ -14,6 +14,8 @@ import torch
 import reference.training as R
 from lightning_port.synth import SynthConfig, write_dataset
 from parity.convergence import (
+    ConvergenceResult,
+    Curves,
     Protocol,
     auc_tolerance,
     compare_convergence,
@@ -129,3 +131,46 @@ def test_run_convergence_agrees_and_catches_a_planted_optimizer_bug(data, tmp_pa
     fig = convergence_figure([res, bad])
     fig.savefig(tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def _fake_curves(scores):
+    return Curves(step_losses=[3.0, 2.0, 1.5, 1.4], step_lrs=[1e-3] * 4, train_loss=[2.5, 1.45], vali_loss=[5.0, 4.0],
+                  auc_raw=[0.75, 0.74], auc=[0.75, 0.74], epoch_scores=[np.asarray(scores, np.float32)] * 2,
+                  vali_labels=np.array([0, 1, 0, 1]), best_epoch=0, stop_epoch=1)
+
+
+def test_report_links_the_curves_png_and_lists_the_runs(tmp_path):
+    import json
+
+    from parity.report import CheckRecord, write_reports
+    from parity.tolerances import Tolerance
+
+    res = ConvergenceResult(_fake_curves([0.2, 0.6, 0.4, 0.9]), _fake_curves([0.2, 0.6, 0.4, 0.9]),
+                            Protocol(max_epochs=3, patience=1), 2, 4, "fake run")
+    res.comparisons = compare_convergence(res)
+    rec = CheckRecord.new("convergence.selection", "convergence", "single:x", Tolerance(0, 0, "exact"))
+    rec.add(res.comparisons["convergence.selection"])
+    jpath, mpath = write_reports(tmp_path, [rec], [], {"profile": "test"}, [res])
+    assert (tmp_path / "convergence_curves.png").stat().st_size > 10_000
+    assert "![legacy loop vs Trainer.fit, per epoch](convergence_curves.png)" in mpath.read_text()
+    runs = json.loads(jpath.read_text())["convergence_runs"]
+    assert runs[0]["label"] == "fake run" and runs[0]["stop_epoch"] == [1, 1]
+
+
+def test_rounded_auc_differences_are_explained_only_within_the_auc_tolerance():
+    same = [0.2, 0.6, 0.4, 0.9]
+    L, P = _fake_curves(same), _fake_curves(same)
+    P.auc = [0.75, 0.7401]  # a rounding that is not round(raw, 4)
+    res = ConvergenceResult(L, P, Protocol(max_epochs=3, patience=1), 2, 4, "x")
+    sel = compare_convergence(res)["convergence.selection"]
+    assert not sel.passed and "port rounded AUC 0.7401 at epoch 1 is not round(0.74, 4)" in sel.report()
+    # raw AUCs 6e-5 apart although no score moved (AUC tolerance 1e-12): a wrong AUC, not a rounding boundary
+    P.auc_raw = [0.75, 0.74006]
+    assert "rounded AUC at epoch 1: port 0.7401 vs legacy 0.74" in compare_convergence(res)["convergence.selection"].report()
+    assert not compare_convergence(res)["convergence.auc"].passed
+    # the same raw difference with a port score that moved enough to swap a pair: a rounding boundary, noted
+    P.epoch_scores = [P.epoch_scores[0], np.asarray([0.2, 0.6, 0.65, 0.9], np.float32)]
+    res.notes = ""
+    comps = compare_convergence(res)
+    assert comps["convergence.selection"].passed and comps["convergence.auc"].passed
+    assert "a rounding boundary lies between them" in res.notes
