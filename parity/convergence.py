@@ -83,6 +83,9 @@ class Curves:
     percentile: list | None = None
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    # dual model: the card weight g1 (after the empty-card zeroing) of every training step ("train", step) and
+    # validation batch ("vali", epoch, batch); the card path runs on rows with g1 > 0.05
+    gates: dict[tuple, np.ndarray] = field(default_factory=dict)
 
     @property
     def epochs(self) -> int:
@@ -150,17 +153,44 @@ def run_legacy(legacy: torch.nn.Module, data_dir: str | Path, kind: str, protoco
     cali = list(DataLoader(data["cali"], batch_size=B, shuffle=False))
     lrs: list[float] = []
 
+    phase: dict = {"key": None, "batch": 0}
+    c = Curves()
+
     def before_step(step: int) -> None:
+        phase["key"] = ("train", step)
         reseed_for_step(step, p.step_seed_base)
 
     def before_eval(what: str, epoch: int) -> None:
+        phase["key"], phase["batch"] = ((what, epoch) if what == "vali" else None), 0
         offset = {"vali": epoch, "best_vali": BEST_VALI_SEED, "best_cali": BEST_CALI_SEED}[what]
         torch.manual_seed(p.eval_seed_base + offset)
 
-    run = legacy_fit(legacy, train_batches, vali, cali, out_dir, kind=kind, lr=p.lr, scheduler_maxlr=p.scheduler_maxlr,
-                     max_epoch=p.max_epochs, patience=p.patience, loss=p.loss, before_step=before_step,
-                     before_eval=before_eval)
-    c = Curves()
+    hooks = []
+    if kind == "dual":  # record the card weight the legacy thresholds (empty-card rows zeroed as it does)
+        from reference.models import EMPTY_CARD_HISTORY_MASK_SUM
+
+        masks: dict = {}
+
+        def keep_mask(module, args, kwargs):
+            masks["empty"] = kwargs["key_padding_mask_ccid"].sum(dim=1) == EMPTY_CARD_HISTORY_MASK_SUM
+
+        def keep_gate(module, args, out):
+            if phase["key"] is None:
+                return
+            g1 = out.detach()[:, 1].clone().masked_fill(masks["empty"], 0.0).numpy()
+            key = phase["key"] if phase["key"][0] == "train" else (*phase["key"], phase["batch"])
+            phase["batch"] += 1
+            c.gates[key] = g1
+
+        hooks = [legacy.register_forward_pre_hook(keep_mask, with_kwargs=True),
+                 legacy.gate_score.register_forward_hook(keep_gate)]
+    try:
+        run = legacy_fit(legacy, train_batches, vali, cali, out_dir, kind=kind, lr=p.lr,
+                         scheduler_maxlr=p.scheduler_maxlr, max_epoch=p.max_epochs, patience=p.patience, loss=p.loss,
+                         before_step=before_step, before_eval=before_eval)
+    finally:
+        for h in hooks:
+            h.remove()
     for ep in run.epochs:
         c.step_losses += ep.train_losses
         lrs += [ep.lr] * len(ep.train_losses)
@@ -217,6 +247,15 @@ def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir:
             self.vali_loss[-1] += float(outputs["loss"])
             self.scores[-1].append(outputs["probs"][:, -1].float().numpy())
             self.labels.append(outputs["y"].numpy())
+            self._gate(pl_module, ("vali", trainer.current_epoch, batch_idx))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._gate(pl_module, ("train", trainer.global_step - 1))
+
+        def _gate(self, pl_module, key) -> None:
+            g = getattr(pl_module.network, "last_gate", None)
+            if g is not None:
+                gates[key] = g[:, 1].float().numpy().copy()
 
         def on_test_epoch_start(self, trainer, pl_module) -> None:
             torch.manual_seed(p.eval_seed_base + BEST_VALI_SEED)
@@ -224,6 +263,7 @@ def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir:
         def on_predict_epoch_start(self, trainer, pl_module) -> None:
             torch.manual_seed(p.eval_seed_base + BEST_CALI_SEED)
 
+    gates: dict[tuple, np.ndarray] = {}
     reseed, record = ReseedPerStep(p.step_seed_base), Record()
     dm = TSADataModule(str(data_dir), kind=kind, batch_size=p.batch_size, seed=p.data_seed, num_workers=0)
     dm.configure_from_model(dict(port.hparams))
@@ -234,7 +274,7 @@ def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir:
     trainer.fit(port, datamodule=dm)
     auc_cb = next(cb for cb in trainer.callbacks if isinstance(cb, LegacyValAUC))
     stopper = next((cb for cb in trainer.callbacks if isinstance(cb, LegacyEarlyStopping)), None)
-    c = Curves(step_losses=list(reseed.losses), step_lrs=list(reseed.lrs), vali_loss=record.vali_loss)
+    c = Curves(step_losses=list(reseed.losses), step_lrs=list(reseed.lrs), vali_loss=record.vali_loss, gates=gates)
     c.epoch_scores = [np.concatenate(parts) for parts in record.scores]
     c.vali_labels = np.concatenate(record.labels) if record.labels else None
     c.auc_raw = [h[1] for h in auc_cb.history]
@@ -380,6 +420,33 @@ def reproducibility_horizon(res: ConvergenceResult) -> int | None:
     return horizon
 
 
+def card_path_flip(res: ConvergenceResult) -> tuple[int, str, bool] | None:
+    """The first training step or validation batch where the dual model's card-path decision (``g1 > 0.05``,
+    legacy-tsa.md §9) differs between the sides: ``(epoch, description, explained)``, ``explained`` when every
+    differing row's card weight agrees within the step tolerance (a threshold between two values that agree);
+    ``None`` when the decisions never differ (or the model is single)."""
+    from reference.models import GATE_THRESHOLD
+
+    k = res.steps_per_epoch
+    for key, gl in res.legacy.gates.items():
+        gp = res.port.gates.get(key)
+        if gp is None or gp.shape != gl.shape:
+            continue
+        differ = np.flatnonzero((gl > GATE_THRESHOLD) != (gp > GATE_THRESHOLD))
+        if differ.size == 0:
+            continue
+        steps = key[1] if key[0] == "train" else (key[1] + 1) * k
+        epoch = key[1] // k if key[0] == "train" else key[1]
+        tol = step_tolerance(steps)
+        a, b = gl[differ].astype(np.float64), gp[differ].astype(np.float64)
+        explained = bool(np.all(np.abs(a - b) <= tol.atol + tol.rtol * np.abs(a)))
+        where = f"training step {key[1]}" if key[0] == "train" else f"validation of epoch {key[1]}, batch {key[2]}"
+        desc = (f"the card-path decision (g1 > {GATE_THRESHOLD}) differs at {where}, row(s) {differ.tolist()[:5]}: "
+                f"legacy g1 {a.tolist()[:5]} vs port {b.tolist()[:5]}")
+        return epoch, desc, explained
+    return None
+
+
 def compare_convergence(res: ConvergenceResult) -> dict[str, Comparison]:
     """The comparisons of one run (keys ``convergence.<check>``); see the module docstring.
 
@@ -390,12 +457,21 @@ def compare_convergence(res: ConvergenceResult) -> dict[str, Comparison]:
     L, P = res.legacy, res.port
     k = res.steps_per_epoch
     res.horizon = reproducibility_horizon(res)
-    n = min(L.epochs, P.epochs, res.horizon if res.horizon is not None else 1 << 30)
-    context = {"label": res.label, "protocol": res.protocol, "epochs": (L.epochs, P.epochs)}
-    tols = [step_tolerance((e + 1) * k) for e in range(max(L.epochs, P.epochs, 1))]
     if res.horizon is not None:
         res.notes += (f"the legacy loop reproduces itself (reference run with another thread count) within the step "
                       f"tolerance only for {res.horizon} epoch(s): compared up to there. ")
+    flip = card_path_flip(res)
+    flip_problem = None
+    if flip is not None and (res.horizon is None or flip[0] < res.horizon):
+        if flip[2]:
+            res.notes += (f"{flip[1]}, within the step tolerance: a threshold between two values that agree; from "
+                          f"there the runs draw different dropout masks, so they are compared up to epoch {flip[0]}. ")
+            res.horizon = flip[0]
+        else:
+            flip_problem = flip[1] + " (beyond the step tolerance)"
+    n = min(L.epochs, P.epochs, res.horizon if res.horizon is not None else 1 << 30)
+    context = {"label": res.label, "protocol": res.protocol, "epochs": (L.epochs, P.epochs)}
+    tols = [step_tolerance((e + 1) * k) for e in range(max(L.epochs, P.epochs, 1))]
 
     train_tols = [step_tolerance((e + 1) * k - 1) for e in range(n)]  # the epoch's last step
     train = _per_epoch(P.train_loss[:n], L.train_loss[:n], train_tols, "train_loss", context)
@@ -424,6 +500,8 @@ def compare_convergence(res: ConvergenceResult) -> dict[str, Comparison]:
     if (P.best_epoch, P.stop_epoch) != expected_port:
         problems.append(f"port decisions (best {P.best_epoch}, stop {P.stop_epoch}) are not the legacy rules on its "
                         f"own rounded AUCs (best {expected_port[0]}, stop {expected_port[1]})")
+    if flip_problem:
+        problems.append(flip_problem)
     for side, c in (("legacy", L), ("port", P)):
         for e, (raw, rounded) in enumerate(zip(c.auc_raw, c.auc)):
             if rounded != round(float(raw), 4):
