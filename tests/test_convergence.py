@@ -174,3 +174,19 @@ def test_rounded_auc_differences_are_explained_only_within_the_auc_tolerance():
     comps = compare_convergence(res)
     assert comps["convergence.selection"].passed and comps["convergence.auc"].passed
     assert "a rounding boundary lies between them" in res.notes
+
+
+def test_card_path_flip_is_explained_only_between_values_that_agree():
+    from parity.convergence import card_path_flip
+
+    L, P = _fake_curves([0.2, 0.6, 0.4, 0.9]), _fake_curves([0.2, 0.6, 0.4, 0.9])
+    L.gates = {("train", 0): np.array([0.3, 0.0], np.float32), ("train", 3): np.array([0.0500001, 0.2], np.float32)}
+    P.gates = {("train", 0): np.array([0.3, 0.0], np.float32), ("train", 3): np.array([0.0499999, 0.2], np.float32)}
+    res = ConvergenceResult(L, P, Protocol(max_epochs=3, patience=1), 2, 4, "x")
+    epoch, desc, explained = card_path_flip(res)
+    assert (epoch, explained) == (1, True) and "training step 3, row(s) [0]" in desc  # step 3 of 2 per epoch
+    res.comparisons = compare_convergence(res)
+    assert res.horizon == 1 and "compared up to epoch 1" in res.notes
+    P.gates[("train", 3)] = np.array([0.01, 0.2], np.float32)  # the port's gate is simply different
+    assert card_path_flip(res)[2] is False
+    assert "beyond the step tolerance" in compare_convergence(res)["convergence.selection"].report()
