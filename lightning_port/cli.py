@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_port.data import DataError, TSADataModule
 from lightning_port.scoring import ScoreWriter, run_dir
+from lightning_port.selection import legacy_selection_problem
 from lightning_port.trainer import MONITOR, build_trainer
 
 __all__ = ["TSACLI", "ConfigError", "main", "resolve_checkpoint"]
@@ -169,6 +170,13 @@ class TSACLI(LightningCLI):
         cfg = self.config[sub]
         ckpt = cfg.get("ckpt_path")
         tr = cfg.trainer
+        if tr.get("legacy_selection"):
+            init_args = cfg.model.get("init_args") if hasattr(cfg.model, "get") else None
+            n_classes = init_args.get("n_classes") if init_args is not None and hasattr(init_args, "get") else None
+            problem = legacy_selection_problem(tr.get("val_check_interval"), tr.get("check_val_every_n_epoch"),
+                                               n_classes)
+            if problem:
+                parser.error(problem)
         if ckpt in ("best", "last"):
             found = resolve_checkpoint(ckpt, tr.default_root_dir, tr.logger_name, tr.logger_version)
             if found is not None:
@@ -218,7 +226,7 @@ class TSACLI(LightningCLI):
             return
         best = ck.best_model_score
         score = f"{float(best):.4f}" if best is not None else "n/a"
-        print(f"tsa: best checkpoint {ck.best_model_path} ({MONITOR} {score}); last {ck.last_model_path}")
+        print(f"tsa: best checkpoint {ck.best_model_path} ({ck.monitor or MONITOR} {score}); last {ck.last_model_path}")
         print(f"tsa: logs in {run_dir(self.trainer)}")
 
     def _report_written(self) -> None:

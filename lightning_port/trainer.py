@@ -8,7 +8,10 @@
   autocast with a GradScaler on every device, CPU included: see :func:`mixed_precision_plugin`), optional
   gradient clipping and accumulation (the legacy loop had neither: both off by default);
 - callbacks: ``ModelCheckpoint`` on ``val/auroc`` (max, best file ``best-epochEE-stepS.ckpt``, plus
-  ``last.ckpt``), ``EarlyStopping(patience)`` on the same metric, ``LearningRateMonitor``,
+  ``last.ckpt``), ``EarlyStopping(patience)`` on the same metric — or, with ``legacy_selection=True``,
+  the legacy loop's rules (:mod:`lightning_port.selection`: the validation AUC computed and rounded as
+  the legacy does, logged as ``val/auc_legacy``, the strict best-model rule and the legacy early-stopping
+  tie rule) — ``LearningRateMonitor``,
   ``DeviceStatsMonitor`` (``device_stats=True``), a TQDM progress bar, the :class:`ScoreWriter`
   (legacy score files and plots on test / predict) and, with ``reseed_per_step=BASE``,
   :class:`ReseedPerStep`; ``last_every_n_train_steps`` also refreshes ``last.ckpt`` mid-epoch so a
@@ -41,6 +44,13 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_port.scoring import ScoreWriter
+from lightning_port.selection import (
+    LEGACY_MONITOR,
+    LegacyBestCheckpoint,
+    LegacyEarlyStopping,
+    LegacyValAUC,
+    legacy_selection_problem,
+)
 
 __all__ = [
     "BEST_FILENAME",
@@ -161,6 +171,7 @@ def build_trainer(
     accumulate_grad_batches: int = 1,
     patience: int = 10,
     monitor: str = MONITOR,
+    legacy_selection: bool = False,
     device_stats: bool = False,
     progress_bar: bool = True,
     progress_refresh_rate: int = 10,
@@ -194,7 +205,13 @@ def build_trainer(
         precision: ``32``, ``16-mixed`` (float16 autocast with a GradScaler like the legacy loop, on CUDA and,
             through :func:`mixed_precision_plugin`, on CPU) or ``bf16-mixed`` (no scaler).
         gradient_clip_val: clip gradients (by ``gradient_clip_algorithm``); ``None`` = off (legacy).
-        patience: early-stopping patience in validation checks on ``monitor``.
+        patience: early-stopping patience in validation checks on ``monitor``; ``None`` or ``0``: no early stopping.
+        monitor: the metric of the best checkpoint and of early stopping (Lightning's rules).
+        legacy_selection: select the best checkpoint and stop as the legacy loop does (see
+            :mod:`lightning_port.selection`): monitor ``val/auc_legacy`` (sklearn AUC over the validation set,
+            ``round(auc, 4)``), save on a strict improvement, reset the early-stopping counter on a tie.
+            Needs validation once per epoch (``val_check_interval`` 1.0, ``check_val_every_n_epoch`` 1) and a
+            2-class model; ``monitor`` is then ignored.
         reseed_per_step: seed base of :class:`ReseedPerStep`; ``None`` = no reseeding.
         last_every_n_train_steps: also save ``last.ckpt`` every N optimizer steps.
         logger_version: TensorBoard version to log into (``None`` = next free ``version_N``).
@@ -202,21 +219,31 @@ def build_trainer(
         callbacks: extra callbacks (the CLI adds its own here).
     """
     cbs: list[Callback] = []
-    ckpt = ModelCheckpoint(
-        monitor=monitor,
-        mode="max",
-        save_top_k=1,
-        save_last=True,
-        filename=BEST_FILENAME,
-        auto_insert_metric_name=False,
-    )
-    cbs.append(ckpt)
+    if legacy_selection:
+        problem = legacy_selection_problem(val_check_interval, check_val_every_n_epoch)
+        if problem:
+            raise ValueError(problem)
+        cbs.append(LegacyValAUC(LEGACY_MONITOR))
+        cbs.append(LegacyBestCheckpoint(LEGACY_MONITOR, save_last=True, filename=BEST_FILENAME,
+                                        auto_insert_metric_name=False))
+    else:
+        cbs.append(ModelCheckpoint(
+            monitor=monitor,
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            filename=BEST_FILENAME,
+            auto_insert_metric_name=False,
+        ))
     if last_every_n_train_steps:
         cbs.append(
             ModelCheckpoint(save_top_k=0, save_last=True, every_n_train_steps=int(last_every_n_train_steps))
         )
     if patience is not None and patience > 0:
-        cbs.append(EarlyStopping(monitor=monitor, mode="max", patience=patience))
+        if legacy_selection:
+            cbs.append(LegacyEarlyStopping(LEGACY_MONITOR, patience=patience))
+        else:
+            cbs.append(EarlyStopping(monitor=monitor, mode="max", patience=patience))
     cbs.append(LearningRateMonitor())
     if device_stats:
         cbs.append(DeviceStatsMonitor())

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         print(f"[{time.time() - started:6.0f}s] findings ({time.time() - t:.0f}s)", flush=True)
     meta = run_meta(args.profile, started)
     meta["categories_run"] = sorted(want)
-    jpath, mpath = write_reports(args.out, records, found, meta)
+    jpath, mpath = write_reports(args.out, records, found, meta, ctx.extra.get("convergence"))
     failed = [r for r in records if r.failing]
     skip = sum(r.status == "skipped" for r in records)
     print(f"wrote {jpath} and {mpath}: {sum(r.passed for r in records)}/{len(records)} checks passed"

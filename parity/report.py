@@ -24,7 +24,8 @@ from .compare import Comparison
 from .tolerances import Tolerance
 
 CATEGORIES = ("structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx", "checkpoint",
-              "precision")
+              "precision", "convergence")
+CONVERGENCE_PNG = "convergence_curves.png"
 MAX_FAILURE_TEXTS = 5
 
 
@@ -125,7 +126,34 @@ def _fmt(x: float) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
-def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Finding], meta: dict) -> tuple[Path, Path]:
+def _convergence_section(out_dir: Path, runs: list) -> list[str]:
+    """The curves PNG (written next to report.md) and one line per run, for the convergence section."""
+    from .convergence import convergence_figure
+
+    md = []
+    if runs:
+        png = out_dir / CONVERGENCE_PNG
+        convergence_figure(runs).savefig(png, dpi=90)
+        md += ["", f"![legacy loop vs Trainer.fit, per epoch]({CONVERGENCE_PNG})", "",
+               "| run | epochs trained (legacy / port) | best epoch | early stop raised after epoch | "
+               "final AUC (legacy / port) | max \\|port − legacy\\| score | max \\|legacy − legacy\\| score, "
+               "other thread count | seconds (legacy / port / legacy again) |", "|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            L, P = r.legacy, r.port
+            ref = "–" if r.legacy_spread is None else _fmt(r.legacy_spread)
+            if r.horizon is not None:
+                ref += f" (reproduces itself for {r.horizon} epochs)"
+            md.append(f"| {r.label} | {L.epochs} / {P.epochs} | {L.best_epoch} / {P.best_epoch} | "
+                      f"{L.stop_epoch} / {P.stop_epoch} | {L.auc[-1] if L.auc else '–'} / {P.auc[-1] if P.auc else '–'} | "
+                      f"{_fmt(r.port_spread)} | {ref} | {L.seconds:.0f} / {P.seconds:.0f} / "
+                      f"{r.reference.seconds if r.reference is not None else 0:.0f} |")
+    return md
+
+
+def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Finding], meta: dict,
+                  convergence_runs: list | None = None) -> tuple[Path, Path]:
+    """``convergence_runs``: the :class:`parity.convergence.ConvergenceResult` s of the run, drawn into
+    ``convergence_curves.png`` and linked from the convergence section."""
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = [r for r in records if r.failing and r.status != "not covered"]
     uncovered = [r for r in records if r.status == "not covered"]
@@ -136,6 +164,17 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
     }
     doc = {"meta": meta, "summary": summary, "checks": [r.to_json() for r in records],
            "findings": [asdict(f) for f in findings]}
+    if convergence_runs:
+        doc["convergence_runs"] = [
+            {"label": r.label, "epochs": [r.legacy.epochs, r.port.epochs],
+             "best_epoch": [r.legacy.best_epoch, r.port.best_epoch],
+             "stop_epoch": [r.legacy.stop_epoch, r.port.stop_epoch],
+             "auc": {"legacy": r.legacy.auc, "port": r.port.auc},
+             "train_loss": {"legacy": r.legacy.train_loss, "port": r.port.train_loss},
+             "vali_loss": {"legacy": r.legacy.vali_loss, "port": r.port.vali_loss},
+             "max_port_score_diff": r.port_spread, "max_legacy_reference_score_diff": r.legacy_spread,
+             "reproducibility_horizon": r.horizon, "notes": r.notes.strip()}
+            for r in convergence_runs]
     jpath = out_dir / "report.json"
     jpath.write_text(json.dumps(doc, indent=2, default=str))
 
@@ -180,6 +219,10 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
                    "skipped": f"skipped ({r.notes.split(';')[0]})"}[r.status]
             md.append(f"| {r.name} | {r.model} | {r.examples} | {_fmt(r.max_abs_err)} | {_fmt(r.max_rel_err)} | "
                       f"{_fmt(r.atol)} | {_fmt(r.rtol)} | {res} |")
+        if cat == "convergence":
+            md += _convergence_section(out_dir, convergence_runs or [])
+            for note in sorted({f"{r.model}: {r.notes}" for r in rows if r.notes}):
+                md.append(f"\n- {note}")
         reasons = sorted({(r.name.split(' ')[0], r.tolerance_reason) for r in rows
                           if r.tolerance_reason and "default" not in r.tolerance_reason})
         for name, reason in reasons:

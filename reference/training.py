@@ -3,13 +3,15 @@
 This is the "legacy side" the parity suite drives: `set_loss`, the Adam + OneCycleLR factory
 (stepped once per epoch), the key-padding-mask builder, one training epoch and one evaluation
 pass (single process), the legacy AUC, the score/tag file writers, the 1000-row percentile
-table, and a reader for the legacy numpy layout (legacy-tsa.md sections 12-13).
+table, a reader for the legacy numpy layout, the legacy `EarlyStopping` and the whole `train.py`
+loop with its selection rules (`legacy_fit`) (legacy-tsa.md sections 12-13).
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +264,137 @@ class LegacyDataset(torch.utils.data.Dataset):
             v = torch.from_numpy(np.array(a[i]))
             item[k] = v.long() if k == "y" else v.float()
         return item
+
+
+# --------------------------------------------------------------------------- the legacy train.py loop
+
+
+class EarlyStopping:
+    """Legacy `utilities.EarlyStopping` (the pytorchtools recipe), called by train.py as `early_stopping(-auc, model)`.
+
+    Early stops the training if the validation loss doesn't improve after a given patience.
+    """
+
+    def __init__(self, patience=7, verbose=False, delta=0, path='checkpoint.pt', trace_func=print):
+        self.patience = patience
+        self.verbose = verbose
+        self.counter = 0
+        self.best_score = None
+        self.early_stop = False
+        self.val_loss_min = np.inf
+        self.delta = delta
+        self.path = path  # harness addition: None = do not write the file
+        self.trace_func = trace_func
+
+    def __call__(self, val_loss, model):
+        score = -val_loss  # legacy: val_loss is -auc, so score is the rounded AUC
+        if self.best_score is None:
+            self.best_score = score
+            self.save_checkpoint(val_loss, model)
+        elif score < self.best_score + self.delta:  # legacy: only a strictly lower AUC counts (delta 0) ...
+            self.counter += 1
+            if self.verbose:
+                self.trace_func(f'EarlyStopping counter: {self.counter} out of {self.patience}')
+            if self.counter >= self.patience:
+                self.early_stop = True
+        else:  # ... a tie lands here: new best score, counter reset, checkpoint.pt overwritten with the later epoch
+            self.best_score = score
+            self.save_checkpoint(val_loss, model)
+            self.counter = 0
+
+    def save_checkpoint(self, val_loss, model):
+        if self.verbose:
+            self.trace_func(f'Validation loss decreased ({self.val_loss_min:.6f} --> {val_loss:.6f}).  Saving model ...')
+        if self.path is not None:
+            torch.save(model.state_dict(), self.path)  # legacy DDP: the wrapped model, keys prefixed `module.`
+        self.val_loss_min = val_loss
+
+
+@dataclass
+class LegacyEpoch:
+    """What the legacy loop saw in one epoch (train.py printed these)."""
+
+    epoch: int
+    lr: float  # the learning rate the epoch trained with
+    train_losses: list  # per batch (CrossEntropyLoss is a sum over the batch)
+    vali_loss: float  # summed over the validation batches
+    auc_raw: float  # roc_auc_score before rounding (harness record; train.py kept only the rounded value)
+    auc: float  # round(auc, 4): what both decisions use
+    saved_best: bool
+    es_counter: int
+    early_stop: bool  # the flag after this epoch's early_stopping call
+    vali_scores: np.ndarray | None = None  # softmax[:, -1] of this epoch's validation pass (harness record)
+
+
+@dataclass
+class LegacyRun:
+    epochs: list  # LegacyEpoch per trained epoch
+    best_auc: float
+    best_epoch: int | None  # epoch of the weights in {test_name}.pt (None: never saved)
+    flag_epoch: int | None  # epoch after whose validation early_stopping.early_stop became True
+    early_stopped: bool  # the flag was read at the top of a next epoch: best reloaded, scored, files written
+    vali_scores: np.ndarray | None = None
+    vali_labels: np.ndarray | None = None
+    cali_scores: np.ndarray | None = None
+    cali_labels: np.ndarray | None = None
+    files: dict = field(default_factory=dict)
+
+
+def legacy_fit(model, train_batches, vali_batches, cali_batches, model_dir, kind="single", lr=1e-5,
+               scheduler_maxlr=1e-3, max_epoch=70, patience=10, loss="CrossEntropyLoss", test_name="model",
+               before_step=None, before_eval=None) -> LegacyRun:
+    """The legacy `train.py` training loop, single process (legacy-tsa.md §12), keeping its decisions and quirks.
+
+    `train_batches(epoch)` yields epoch `epoch`'s training batches (the legacy loader shuffles; the caller fixes
+    the order), `vali_batches` / `cali_batches` are re-iterable. Files go to `model_dir`: `{test_name}.pt` (best
+    weights), `checkpoint.pt` (early-stopping file) and, only after an early stop, the score files and
+    `percentile_score.pkl`. Harness hooks (not in train.py): `before_step(global_step)` right before each training
+    forward pass, `before_eval(what, epoch)` right before each evaluation pass (`what`: "vali" each epoch,
+    "best_vali" / "best_cali" for the final scoring of the reloaded best weights).
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    best_path = model_dir / f"{test_name}.pt"
+    optimizer, scheduler = make_optimizer(model, lr=lr, scheduler_maxlr=scheduler_maxlr, max_epoch=max_epoch)
+    loss_fn = set_loss(loss, max_epoch=max_epoch)
+    early_stopping = EarlyStopping(patience=patience, verbose=False, path=model_dir / "checkpoint.pt")
+    best_auc = 0  # assumed starting value (legacy-tsa.md does not give it): any AUC above 0 is saved first
+    run = LegacyRun(epochs=[], best_auc=0, best_epoch=None, flag_epoch=None, early_stopped=False)
+    step = 0
+    for epoch in range(max_epoch):
+        if early_stopping.early_stop:  # legacy: the flag raised by the previous epoch is read here, at the top
+            run.early_stopped = True
+            model.load_state_dict(torch.load(best_path, weights_only=True))  # reload the best (strict) epoch
+            if before_eval is not None:
+                before_eval("best_vali", epoch)
+            run.vali_scores, run.vali_labels, _ = evaluate(model, vali_batches, kind)
+            if before_eval is not None:
+                before_eval("best_cali", epoch)
+            run.cali_scores, run.cali_labels, _ = evaluate(model, cali_batches, kind)
+            write_score_files(model_dir, run.vali_scores, run.vali_labels, run.cali_scores, run.cali_labels)
+            run.files = {name: model_dir / name for name in ("score_file.csv", "tag_file.csv", "cali_score_file.csv",
+                                                            "cali_tag_file.csv", "percentile_score.pkl")}
+            break
+        lr_now = optimizer.param_groups[0]["lr"]
+        losses = train_one_epoch(model, train_batches(epoch), optimizer, loss_fn, epoch, kind,
+                                 before_step=before_step, step_offset=step)
+        step += len(losses)
+        scheduler.step()  # legacy: OneCycleLR stepped once per epoch
+        if before_eval is not None:
+            before_eval("vali", epoch)
+        probs, labels, vali_loss = evaluate(model, vali_batches, kind, loss_fn)
+        auc_raw = legacy_auc(labels, probs)
+        auc = round(auc_raw, 4)  # legacy: both decisions below use the rounded AUC
+        saved = auc > best_auc  # legacy: strict, a tie keeps the earlier epoch's file
+        if saved:
+            best_auc = auc
+            run.best_epoch = epoch
+            torch.save(model.state_dict(), best_path)
+        early_stopping(-auc, model)
+        if early_stopping.early_stop and run.flag_epoch is None:
+            run.flag_epoch = epoch
+        run.epochs.append(LegacyEpoch(epoch, lr_now, losses, vali_loss, auc_raw, auc, saved, early_stopping.counter,
+                                      early_stopping.early_stop, probs))
+    # legacy quirk: when max_epoch ends the loop (also when the last epoch raised the flag) nothing is scored or written
+    run.best_auc = best_auc
+    return run

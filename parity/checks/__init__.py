@@ -21,6 +21,7 @@ from ..cases import CASES, case
 from ..report import CheckRecord
 from .base import ParityFailure, RunContext, run_property
 from .checkpoint import check_checkpoint
+from .convergence import check_convergence
 from .forward import check_forward
 from .gradient import check_gradient
 from .init import check_init
@@ -43,6 +44,7 @@ __all__ = [
     "ParityFailure",
     "RunContext",
     "check_checkpoint",
+    "check_convergence",
     "check_fixtures",
     "check_forward",
     "check_gradient",
@@ -88,6 +90,8 @@ def groups() -> list[Group]:
     out += [Group("onnx", f"onnx {m}", partial(check_onnx, case(m))) for m in ONNX_CASES]
     out += [Group("onnx", f"onnx int8 {m}", partial(check_onnx_int8, case(m))) for m in ONNX_CASES]
     out.append(Group("checkpoint", "checkpoint (every legacy file format)", check_checkpoint))
+    out += [Group("convergence", f"convergence {kind} (legacy loop vs Trainer.fit to early stopping)",
+                  partial(check_convergence, kind)) for kind in ("single", "dual")]
     out += _precision_groups()
     return out
 
