@@ -60,15 +60,16 @@ class TSAConfig:
     batch_invariant: bool = False
     activation_checkpointing: bool = False
     fused_eval_attention: bool = False
+    legacy_rng: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("activation_checkpointing", "fused_eval_attention"):
+        for name in ("activation_checkpointing", "fused_eval_attention", "legacy_rng"):
             value = getattr(self, name)
             if not isinstance(value, (bool, int)) or value not in (0, 1):
                 raise ValueError(f"{name} must be a bool, got {value!r}.")
         # Normalise the legacy 0/1 integer flags to bools (the legacy scripts pass both).
         for name in ("use_moe", "use_time_seq", "batch_invariant", "activation_checkpointing",
-                     "fused_eval_attention"):
+                     "fused_eval_attention", "legacy_rng"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "emb_tbl_use_bias", int(bool(self.emb_tbl_use_bias)))
         self._validate()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .draws import RandomDraws, dropout, dropout_last
+
 LEAKY_SLOPE = 0.01
 # Training memory: the recomputed aggregation chains are re-run in backward in slices of the
 # embedding dimension D (every (d, row) is aggregated independently), each slice's working set
@@ -164,8 +166,11 @@ def _numerical_chain(rows: Tensor, values: Tensor, params, d_slice=None) -> Tens
     return FeatureAggregation._finish(h, params)[..., 0]
 
 
-class FeedForward(nn.Module):
-    """``Linear(W, F) -> ReLU -> Dropout -> Linear(F, W)`` (legacy ``feedforward.0`` / ``.3``)."""
+class FeedForward(RandomDraws, nn.Module):
+    """``Linear(W, F) -> ReLU -> Dropout -> Linear(F, W)`` (legacy ``feedforward.0`` / ``.3``).
+
+    ``x`` (T, B, W), or (``full_T`` given) the last position of full_T (the lean last layer: the
+    dropout mask of the full (full_T, B, F) activation is drawn when ``legacy_rng``)."""
 
     def __init__(self, width: int, hidden: int, dropout: float):
         super().__init__()
@@ -173,11 +178,16 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+    def forward(self, x: Tensor, full_T: int | None = None) -> Tensor:
+        h = torch.relu(self.fc1(x))
+        if full_T is None:
+            h = dropout(h, self.drop.p, self.training, self.legacy_rng)
+        else:
+            h = dropout_last(h, self.drop.p, self.training, self.legacy_rng, (full_T, *h.shape[1:]))
+        return self.fc2(h)
 
 
-class ClassifierHead(nn.Module):
+class ClassifierHead(RandomDraws, nn.Module):
     """``Linear(in, hidden) -> ReLU -> Dropout -> Linear(hidden, out)`` (legacy ``clf`` and
     ``gate_score``; the dual gate adds a softmax in its caller)."""
 
@@ -188,4 +198,4 @@ class ClassifierHead(nn.Module):
         self.fc2 = nn.Linear(hidden, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+        return self.fc2(dropout(torch.relu(self.fc1(x)), self.drop.p, self.training, self.legacy_rng))

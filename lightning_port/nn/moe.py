@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MOE_EVAL_POLICIES
+from .draws import RandomDraws, uniform_coins
 
 SECOND_THRESHOLD = 0.2  # legacy second_threshold (train and eval)
 CAPACITY_FACTOR_TRAIN = 1.25
@@ -37,7 +38,7 @@ def expert_capacity(group_size, capacity_factor: float, num_experts: int):
     return max(min(group_size, raw), MIN_EXPERT_CAPACITY)
 
 
-class MixtureOfExperts(nn.Module):
+class MixtureOfExperts(RandomDraws, nn.Module):
     """Top-2 gated experts ``relu(x @ w1[k]) @ w2[k]`` (no biases); see the module docstring.
 
     Parameters: ``w_gate`` (d, e) [legacy ``gate.w_gating``], ``w1`` (e, d, F), ``w2`` (e, F, d)
@@ -59,9 +60,11 @@ class MixtureOfExperts(nn.Module):
         self.w1 = nn.Parameter(_uniform_last_dim(torch.zeros(num_experts, dim, hidden)))
         self.w2 = nn.Parameter(_uniform_last_dim(torch.zeros(num_experts, hidden, dim)))
 
-    def forward(self, x: Tensor, row_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, row_mask: Tensor | None = None, full_T: int | None = None) -> Tensor:
         """``x`` (T, B, d) -> (T, B, d). ``row_mask`` (B,) bool, optional: only those rows form
-        the MoE group (capacity and positions counted over them); other rows get zeros."""
+        the MoE group (capacity and positions counted over them); other rows get zeros. ``full_T``:
+        ``x`` holds the last T of full_T positions (the lean last layer; every position is its own
+        group, so the others are simply not computed); the legacy coin draw is still (full_T, B)."""
         T, B, d = x.shape
         e = self.num_experts
         policy = "random" if self.training else self.eval_policy
@@ -79,7 +82,8 @@ class MixtureOfExperts(nn.Module):
 
         # second-expert policy -> keep2 (T, B) bool, and the weight the second expert gets
         if policy == "random":
-            coin = torch.zeros_like(g2).uniform_(0.0, 1.0)  # legacy: one (T, B) draw per call
+            # legacy: one (T, B) draw per call (in eval too; the fast path keeps it there)
+            coin = uniform_coins(T, T if full_T is None else full_T, B, g2, self.legacy_rng or not self.training)
             keep2 = coin < g2 / SECOND_THRESHOLD
         elif policy == "threshold":
             keep2 = g2 > SECOND_THRESHOLD
