@@ -133,12 +133,12 @@ class MultiheadAttention(RandomDraws, nn.Module):
         return True
 
     def _fast_train_fused(self, attn_mask: Tensor | None) -> bool:
-        """Fast path (``legacy_rng=False``) in training on an accelerator: dropout inside
-        ``F.scaled_dot_product_attention`` (its fused kernels draw their own masks). On CPU the fused
-        kernels have no dropout (SDPA falls back to its math path and ``bernoulli_``), so the explicit
-        path with :func:`~lightning_port.nn.draws.fast_dropout` is used there."""
-        return (self.training and not self.legacy_rng and attn_mask is None and self.in_proj_weight.is_cuda
-                and not torch.jit.is_tracing())
+        """Fast path (``legacy_rng=False``) in training: ``F.scaled_dot_product_attention`` with the
+        dropout inside its fused kernels on an accelerator, and on CPU when there is no dropout (CPU's
+        fused kernels have none: with dropout SDPA falls back to its math path and ``bernoulli_``, so the
+        explicit path with :func:`~lightning_port.nn.draws.fast_dropout` is faster there)."""
+        return (self.training and not self.legacy_rng and attn_mask is None and not torch.jit.is_tracing()
+                and (self.in_proj_weight.device.type != "cpu" or self.dropout == 0))
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, time: Tensor | None,
                key_padding_mask: Tensor | None, dropout_p: float = 0.0, centred: bool = False) -> Tensor:

@@ -23,6 +23,73 @@ from torch import Tensor, nn
 _INT31 = 2 ** 31
 
 
+# --- the legacy draws inside torch.compile ------------------------------------------------------------------
+# Inductor's fallback_random calls the eager random kernels, but it may schedule two independent random ops
+# (say, a dropout of the order stack and one of the feature stack) in another order than the program's, which
+# changes which numbers each gets. The legacy draws are therefore custom ops registered as *ordered effects*:
+# AOTAutograd threads an effect token through them, so the compiled graph makes them in program order, each
+# calling the eager kernel on the global generator. Eager code does not go through them.
+@torch.library.custom_op("tsa::legacy_bernoulli", mutates_args=())
+def _legacy_bernoulli_op(like: Tensor, shape: list[int], p: float) -> Tensor:
+    return like.new_empty(shape).bernoulli_(p)
+
+
+@_legacy_bernoulli_op.register_fake
+def _(like, shape, p):
+    return like.new_empty(shape)
+
+
+@torch.library.custom_op("tsa::legacy_uniform", mutates_args=())
+def _legacy_uniform_op(like: Tensor, shape: list[int]) -> Tensor:
+    return torch.zeros(shape, dtype=like.dtype, device=like.device).uniform_(0.0, 1.0)
+
+
+@_legacy_uniform_op.register_fake
+def _(like, shape):
+    return like.new_empty(shape)
+
+
+def _register_ordered_effects() -> bool:
+    try:
+        from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
+    except ImportError:  # pragma: no cover - other torch versions: graph breaks instead (see _compiling_draw)
+        return False
+    for op in (torch.ops.tsa.legacy_bernoulli.default, torch.ops.tsa.legacy_uniform.default):
+        _register_effectful_op(op, _EffectType.ORDERED)
+    return True
+
+
+_ORDERED_EFFECTS = _register_ordered_effects()
+
+
+@torch.compiler.disable
+def _eager_bernoulli(like: Tensor, shape: list[int], p: float) -> Tensor:
+    return like.new_empty(shape).bernoulli_(p)
+
+
+@torch.compiler.disable
+def _eager_uniform(like: Tensor, shape: list[int]) -> Tensor:
+    return torch.zeros(shape, dtype=like.dtype, device=like.device).uniform_(0.0, 1.0)
+
+
+def _bernoulli(like: Tensor, shape, p: float) -> Tensor:
+    """``like.new_empty(shape).bernoulli_(p)``: the legacy draw, also in program order when compiled."""
+    if not torch.compiler.is_compiling():
+        return like.new_empty(shape).bernoulli_(p)
+    if _ORDERED_EFFECTS:
+        return torch.ops.tsa.legacy_bernoulli(like.detach(), list(shape), p)
+    return _eager_bernoulli(like.detach(), list(shape), p)
+
+
+def _uniform(like: Tensor, shape) -> Tensor:
+    """``torch.zeros(shape).uniform_(0, 1)``: the legacy coin draw, also in program order when compiled."""
+    if not torch.compiler.is_compiling():
+        return torch.zeros(shape, dtype=like.dtype, device=like.device).uniform_(0.0, 1.0)
+    if _ORDERED_EFFECTS:
+        return torch.ops.tsa.legacy_uniform(like.detach(), list(shape))
+    return _eager_uniform(like.detach(), list(shape))
+
+
 class RandomDraws:
     """Mixin of the modules that draw random numbers: ``legacy_rng`` is set for the whole network by
     :func:`set_legacy_rng` (a plain attribute, not a buffer: it is a hyperparameter, not a weight)."""
@@ -69,6 +136,8 @@ def dropout(x: Tensor, p: float, training: bool, legacy_rng: bool = True) -> Ten
     if not training or p == 0 or x.numel() == 0:  # F.dropout draws nothing in these cases either
         return x
     if legacy_rng:
+        if torch.compiler.is_compiling():  # F.dropout's own draw, in program order (see _bernoulli)
+            return x * _bernoulli(x, x.shape, 1 - p).div_(1 - p)
         return F.dropout(x, p, True)
     return fast_dropout(x, p)
 
@@ -89,11 +158,10 @@ def dropout_last(x_last: Tensor, p: float, training: bool, legacy_rng: bool, ful
     if not legacy_rng:
         return fast_dropout(x_last, p)
     if stored_order is None:
-        noise = x_last.new_empty(full_shape)
-    else:
-        noise = x_last.new_empty(tuple(full_shape[i] for i in stored_order))
+        noise = _bernoulli(x_last, full_shape, 1 - p)
+    else:  # drawn in memory order
+        noise = _bernoulli(x_last, tuple(full_shape[i] for i in stored_order), 1 - p)
         noise = noise.permute(*[stored_order.index(i) for i in range(len(full_shape))])
-    noise.bernoulli_(1 - p)
     keep = noise.narrow(dim, full_shape[dim] - x_last.shape[dim], x_last.shape[dim])
     return x_last * keep.div_(1 - p)
 
@@ -102,6 +170,6 @@ def uniform_coins(rows: int, full_rows: int, batch: int, like: Tensor, legacy_rn
     """The MoE second-expert coins ``U(0, 1)`` of shape (rows, batch) for the last ``rows`` positions of a
     (full_rows, batch) draw. Legacy: the whole (full_rows, batch) tensor is drawn (one ``uniform_`` per
     MoE call, legacy-tsa.md section 3) and its last rows returned. Fast: only the rows that are read."""
-    n = full_rows if legacy_rng else rows
-    coin = torch.zeros((n, batch), dtype=like.dtype, device=like.device).uniform_(0.0, 1.0)
-    return coin[n - rows:]
+    if not legacy_rng:
+        return torch.rand((rows, batch), dtype=like.dtype, device=like.device)
+    return _uniform(like, (full_rows, batch))[full_rows - rows:]

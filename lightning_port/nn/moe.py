@@ -45,7 +45,16 @@ class MixtureOfExperts(RandomDraws, nn.Module):
     [legacy ``experts.w1/w2``]. Training always uses the legacy "random" second-expert policy and
     capacity factor 1.25; eval uses ``eval_policy`` and capacity factor 2.0 (no capacity limit
     when ``batch_invariant``).
+
+    Two test hooks (class defaults leave the legacy function untouched): ``training_policy`` replaces
+    the legacy "random" policy in training (the ``fast_path`` parity category compares training
+    gradients of two RNG paths under a deterministic one), and ``trace``, when a list, receives
+    ``(x, keep2)`` of every training-mode "random" call (the layer input and the coin decisions,
+    before capacity), from which the coin-flip keep rate is tested against the legacy gate formula.
     """
+
+    training_policy: str = "random"  # legacy; test hook (see the class docstring)
+    trace: list | None = None  # test hook (see the class docstring)
 
     def __init__(self, dim: int, hidden: int, num_experts: int, eval_policy: str = "random",
                  batch_invariant: bool = False):
@@ -67,7 +76,7 @@ class MixtureOfExperts(RandomDraws, nn.Module):
         group, so the others are simply not computed); the legacy coin draw is still (full_T, B)."""
         T, B, d = x.shape
         e = self.num_experts
-        policy = "random" if self.training else self.eval_policy
+        policy = self.training_policy if self.training else self.eval_policy
         cf = CAPACITY_FACTOR_TRAIN if self.training else CAPACITY_FACTOR_EVAL
 
         probs = torch.softmax(x @ self.w_gate, dim=-1)  # (T, B, e)
@@ -85,6 +94,8 @@ class MixtureOfExperts(RandomDraws, nn.Module):
             # legacy: one (T, B) draw per call (in eval too; the fast path keeps it there)
             coin = uniform_coins(T, T if full_T is None else full_T, B, g2, self.legacy_rng or not self.training)
             keep2 = coin < g2 / SECOND_THRESHOLD
+            if self.trace is not None and self.training:
+                self.trace.append((x.detach(), keep2))
         elif policy == "threshold":
             keep2 = g2 > SECOND_THRESHOLD
         elif policy == "expected":
