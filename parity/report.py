@@ -21,7 +21,8 @@ from typing import Any
 from .compare import Comparison
 from .tolerances import Tolerance
 
-CATEGORIES = ("structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx", "checkpoint")
+CATEGORIES = ("structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx", "checkpoint",
+              "fast_path")
 MAX_FAILURE_TEXTS = 5
 
 

@@ -21,6 +21,7 @@ from ..cases import CASES, case
 from ..report import CheckRecord
 from .base import ParityFailure, RunContext, run_property
 from .checkpoint import check_checkpoint
+from .fast_path import check_fast_path, check_fast_path_rates, check_fast_path_training
 from .forward import check_forward
 from .gradient import check_gradient
 from .init import check_init
@@ -36,6 +37,9 @@ __all__ = [
     "ParityFailure",
     "RunContext",
     "check_checkpoint",
+    "check_fast_path",
+    "check_fast_path_rates",
+    "check_fast_path_training",
     "check_fixtures",
     "check_forward",
     "check_gradient",
@@ -51,6 +55,7 @@ __all__ = [
 
 TRAINING_CASES = ("single:tiny", "single:tiny-plain", "single:drawn", "dual:tiny")
 ONNX_CASES = ("single:tiny", "single:tiny-plain", "dual:tiny")
+FAST_PATH_CASES = ("single:drawn", "dual:drawn")
 
 
 @dataclass(frozen=True)
@@ -75,4 +80,11 @@ def groups() -> list[Group]:
     out.append(Group("metrics", "metrics", check_metrics))
     out += [Group("onnx", f"onnx {m}", partial(check_onnx, case(m))) for m in ONNX_CASES]
     out.append(Group("checkpoint", "checkpoint (every legacy file format)", check_checkpoint))
+    for m in FAST_PATH_CASES:
+        out.append(Group("fast_path", f"fast_path {m}", partial(check_fast_path, case(m))))
+        out.append(Group("fast_path", f"fast_path {m.split(':')[0]}:rates (keep rates)",
+                         partial(check_fast_path_rates, case(m))))
+    for kind in ("single", "dual"):
+        out.append(Group("fast_path", f"fast_path {kind}:synth (short training runs)",
+                         partial(check_fast_path_training, kind)))
     return out
