@@ -153,7 +153,9 @@ class MixtureOfExperts(RandomDraws, nn.Module):
         source = source.scatter(0, torch.where(keep2.reshape(-1), s2, sentinel), tokens)[:n_slots]  # slot -> token
         x2d = x.reshape(T * B, d)
         g1, g2 = g1.reshape(-1, 1), g2.reshape(-1, 1)
-        differentiable = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        # training: gather-only backward; otherwise (eval, export, tracing) plain gathers, autograd as usual
+        differentiable = (self.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
+                          and (x.requires_grad or self.w1.requires_grad))
         if differentiable:
             keep1f, keep2f = keep1.reshape(-1, 1).to(x.dtype), keep2.reshape(-1, 1).to(x.dtype)
             expert_in = _Dispatch.apply(x2d, source, s1, s2, keep1f, keep2f)
