@@ -142,7 +142,7 @@ def _codes_chain(codes: Tensor, table: Tensor, params, pad: int | None, d_slice=
     if d_slice is not None:
         table = table[:, d_slice[0]: d_slice[1]]
     x = F.embedding(codes.permute(2, 0, 1), table, padding_idx=pad)  # (n, B, L, d) feature-first
-    h = torch.addmm(b0[:, None], w0, x.reshape(n, -1))  # (n//2, B·L·d)
+    h = torch.addmm(b0[:, None], w0, x.reshape(n, x.numel() // n))  # (n//2, B·L·d)
     del x
     return FeatureAggregation._finish_feature_first(h, params).view(*lead, table.shape[1])
 
@@ -156,9 +156,10 @@ def _numerical_chain(rows: Tensor, values: Tensor, params, d_slice=None) -> Tens
     n, D = rows.shape
     k = w0.shape[0]
     fused = w0[:, :, None] * rows[None]  # (k, n, d): W[g, j] · row_j[d]
-    v = values.reshape(1, -1, n)
-    h = torch.baddbmm(b0[:, None, None], v.expand(k, -1, n), fused)  # (k, B·L, d)
-    return FeatureAggregation._finish_feature_first(h.view(k, -1), params).view(*values.shape[:-1], D)
+    R = values.numel() // n  # B·L (explicit: k may be 0 for n < 2, legacy degenerate widths)
+    v = values.reshape(1, R, n)
+    h = torch.baddbmm(b0[:, None, None], v.expand(k, R, n), fused)  # (k, B·L, d)
+    return FeatureAggregation._finish_feature_first(h.view(k, R * D), params).view(*values.shape[:-1], D)
 
 
 class FeedForward(RandomDraws, nn.Module):
