@@ -20,7 +20,7 @@ TARGET_FAST_SPEEDUP_256 = 3.0
 TARGET_FAST_SPEEDUP_1024 = 3.5
 TARGET_FAST_PEAK_SHARE = 0.60
 TARGET_GPU_SPEEDUP = 10.0
-FAST_VARIANT = "port_fast"  # the fast path's name in common.PORT_VARIANTS once merged
+FAST_VARIANT = "port_fast"  # the fast path's name in common.PORT_VARIANTS
 FAST_COMPILED_VARIANT = "port_fast_compiled"
 GPU_TARGET_BATCH = 4096
 

@@ -1,7 +1,7 @@
 """Typed, validated configuration of the TSA networks.
 
 Field names are the legacy hyperparameter names (``train.py`` / the legacy constructors), so a
-legacy ``hparams.json`` maps onto :class:`TSAConfig` without renaming. Three options are new:
+legacy ``hparams.json`` maps onto :class:`TSAConfig` without renaming. The other options are new:
 
 - ``moe_eval_policy``: how a mixture-of-experts layer picks the second expert in eval mode.
   ``"random"`` is the legacy behaviour (a coin flip per token, so eval outputs depend on the RNG).
@@ -22,6 +22,12 @@ These two only change eval mode; training is always the legacy function.
   attention on ``F.scaled_dot_product_attention`` with the separable time factor. Faster inference;
   the same function, but its fp32 rounding differs more from the legacy's (about 2x the explicit
   path's error at the full default size), so it is off by default to keep parity within atol 1e-5.
+
+- ``legacy_rng``: ``True`` (default) draws every training-mode random number as the legacy model does
+  (dropout masks with ``bernoulli_``, MoE coins, same order, shapes and memory layouts), so the same seed
+  gives the same masks. ``False`` is the opt-in fast path: the same function, parameters and checkpoints,
+  with training-mode draws from the cheapest source (see :mod:`lightning_port.nn.draws`). Eval is the same
+  in both (the legacy coin stream is kept there).
 
 Impossible combinations raise :class:`ValueError` with one sentence at construction.
 """
@@ -60,15 +66,16 @@ class TSAConfig:
     batch_invariant: bool = False
     activation_checkpointing: bool = False
     fused_eval_attention: bool = False
+    legacy_rng: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("activation_checkpointing", "fused_eval_attention"):
+        for name in ("activation_checkpointing", "fused_eval_attention", "legacy_rng"):
             value = getattr(self, name)
             if not isinstance(value, (bool, int)) or value not in (0, 1):
                 raise ValueError(f"{name} must be a bool, got {value!r}.")
         # Normalise the legacy 0/1 integer flags to bools (the legacy scripts pass both).
         for name in ("use_moe", "use_time_seq", "batch_invariant", "activation_checkpointing",
-                     "fused_eval_attention"):
+                     "fused_eval_attention", "legacy_rng"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "emb_tbl_use_bias", int(bool(self.emb_tbl_use_bias)))
         self._validate()

@@ -81,6 +81,8 @@ class _TSAModule(L.LightningModule):
         batch_invariant: bool = False,
         activation_checkpointing: bool = False,
         fused_eval_attention: bool = False,
+        legacy_rng: bool = True,
+        compile: bool = False,
         card_rows: str = "subset",
         lr: float = 1e-5,
         scheduler_maxlr: float = 1e-3,
@@ -106,6 +108,8 @@ class _TSAModule(L.LightningModule):
             self.network = DualSequenceNetwork(self.config, card_rows=card_rows)
         else:
             self.network = SingleSequenceNetwork(self.config)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be a bool, got {compile!r}.")
         self.loss_fn = build_loss(loss, gamma=loss_gamma, alpha=loss_alpha, reduction=loss_reduction,
                                   epochs=max_epochs)
         self.stage_metrics = torch.nn.ModuleDict({f"{s}_metrics": _metrics(n_classes) for s in STAGES})
@@ -133,6 +137,28 @@ class _TSAModule(L.LightningModule):
         flat = {_CONFIG_ALIASES.get(k, k): v for k, v in flat.items()}
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         return cls(**{k: v for k, v in flat.items() if k in names})
+
+    # --- the network, compiled or not ----------------------------------------------------------
+    @property
+    def net(self) -> torch.nn.Module:
+        """The callable forward of :attr:`network`: the module itself, or with ``compile=True`` its
+        ``torch.compile`` wrapper (built on first use, not registered as a submodule, so the
+        ``state_dict`` keys stay ``network.*``). With ``legacy_rng`` the compiled graph calls the eager
+        random kernels (inductor's ``fallback_random``), so the legacy stream is kept; without it
+        inductor draws its own random numbers inside the fused kernels."""
+        if not self.hparams.get("compile", False):
+            return self.network
+        compiled = self.__dict__.get("_compiled_network")
+        if compiled is None or compiled._orig_mod is not self.network:
+            options = {"fallback_random": True} if self.config.legacy_rng else {}
+            compiled = torch.compile(self.network, options=options)
+            self.__dict__["_compiled_network"] = compiled
+        return compiled
+
+    def __getstate__(self):  # the compiled wrapper is rebuilt on first use (it does not pickle)
+        state = dict(super().__getstate__())
+        state.pop("_compiled_network", None)
+        return state
 
     # --- input checks -----------------------------------------------------------------------
     def _check(self, name: str, t: Tensor | None, shape: tuple[int | None, ...], codes: bool = False) -> None:
@@ -240,7 +266,7 @@ class TemporalSelfAttentionClassification(_TSAModule):
             self._check_sequence("", x_cat, x_num, time_seq if self.config.use_time_seq else None,
                                  key_padding_mask, B)
             self._check_engineered(x_engineered, B)
-        return self.network(x_cat, x_num, x_engineered, time_seq, attn_mask, key_padding_mask)
+        return self.net(x_cat, x_num, x_engineered, time_seq, attn_mask, key_padding_mask)
 
     def batch_to_args(self, batch: dict[str, Tensor]) -> tuple:
         """Legacy dataset dict -> forward arguments: ``x_seq_cat`` (B, L, n_cat), ``x_seq_num``
@@ -277,8 +303,8 @@ class DualSequenceTSA(_TSAModule):
             if key_padding_mask_ccid is None:
                 raise ValueError("key_padding_mask_ccid is missing (the card gate reads it).")
             self._check_engineered(x_engineered, B)
-        return self.network(x_seq_cat_cid, x_seq_num_cid, time_seq_cid, x_seq_cat_ccid, x_seq_num_ccid,
-                            time_seq_ccid, x_engineered, attn_mask, key_padding_mask_cid, key_padding_mask_ccid)
+        return self.net(x_seq_cat_cid, x_seq_num_cid, time_seq_cid, x_seq_cat_ccid, x_seq_num_ccid,
+                        time_seq_ccid, x_engineered, attn_mask, key_padding_mask_cid, key_padding_mask_ccid)
 
     def batch_to_args(self, batch: dict[str, Tensor]) -> tuple:
         """Legacy dual dataset dict: the single keys with ``_cid`` / ``_ccid`` suffixes on the

@@ -24,7 +24,7 @@ from .compare import Comparison
 from .tolerances import Tolerance
 
 CATEGORIES = ("structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx", "checkpoint",
-              "precision", "convergence")
+              "precision", "convergence", "fast_path")
 CONVERGENCE_PNG = "convergence_curves.png"
 MAX_FAILURE_TEXTS = 5
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .draws import RandomDraws, dropout, dropout_last
+
 LEAKY_SLOPE = 0.01
 # Training memory: the recomputed aggregation chains are re-run in backward in slices of the
 # embedding dimension D (every (d, row) is aggregated independently), each slice's working set
@@ -88,16 +90,20 @@ class FeatureAggregation(nn.Module):
             h = F.linear(_leaky(h), params[i], params[i + 1])
         return h
 
+    @staticmethod
+    def _finish_feature_first(h: Tensor, params) -> Tensor:
+        """The layers after the first on feature-first activations ``h`` (k, N): ``W @ leaky(h) + b``."""
+        for i in range(2, len(params), 2):
+            h = torch.addmm(params[i + 1][:, None], params[i], _leaky(h))
+        return h
+
     def aggregate_codes_recomputed(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0) -> Tensor:
         """:meth:`aggregate_codes` with nothing stored for backward but its inputs (training
         memory); the chain is recomputed in backward in slices of D. Same forward value."""
-        *lead, n = codes.shape
-        D = table.shape[1]
-        n_slices = max(1, -(-(D * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
+        n_slices = max(1, -(-(table.shape[1] * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
         pad = None if padding_idx is None else padding_idx % table.shape[0]
         fn = lambda idx, tbl, *params, d_slice=None: _codes_chain(idx, tbl, params, pad, d_slice)  # noqa: E731
-        out = _SlicedRecompute.apply(fn, 0, min(n_slices, D), codes.reshape(-1), table, *self._params())
-        return out.t().reshape(*lead, D)
+        return _SlicedRecompute.apply(fn, -1, min(n_slices, table.shape[1]), codes, table, *self._params())
 
     def project_embeddings_recomputed(self, rows: Tensor, values: Tensor) -> Tensor:
         """Numerical :meth:`project_embeddings` with nothing stored for backward but its inputs;
@@ -111,45 +117,34 @@ class FeatureAggregation(nn.Module):
     def aggregate_codes(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0) -> Tensor:
         """Categorical features: ``codes`` (B, L, n) int codes into ``table`` (N, D) -> (B, L, D).
 
-        The lookup is done in the transposed table so the gathered values come out feature-last,
-        ``(D, B·L, n)``: the first Linear is then one plain matmul over the feature axis and the
-        remaining layers act on ``(D·B·L, k)`` rows -- no permuted copy of the ``(B, L, n, D)``
-        embeddings. Row ``padding_idx`` is read but gets no gradient (``F.embedding`` semantics).
+        Feature-first: the rows are gathered as ``(n, B·L·D)`` (a plain row lookup of the codes in
+        feature-major order), so every Linear of the chain is one matmul with its weight on the left,
+        ``W (k', k) @ h (k, B·L·D)`` -- no permuted copy of the ``(B, L, n, D)`` embeddings and no
+        transposed gather. Row ``padding_idx`` is read but gets no gradient (``F.embedding`` semantics).
         """
-        *lead, _ = codes.shape
         pad = None if padding_idx is None else padding_idx % table.shape[0]
-        out = _codes_chain(codes.reshape(-1), table, self._params(), pad)  # (D, B·L)
-        return out.t().reshape(*lead, table.shape[1])
+        return _codes_chain(codes, table, self._params(), pad)
 
     def project_embeddings(self, rows: Tensor, values: Tensor) -> Tensor:
         """Numerical features without materialising the permuted (B, L, D, n) copy: the first Linear is
-        fused with the rows, Σ_j x_j · row_j[d] · W[g, j] as one (n, D·g) matrix. ``rows`` (n, D) the
-        numerical rows of the table, ``values`` (B, L, n) -> (B, L, D)."""
+        fused with the rows, ``M[g, j, d] = W[g, j] · row_j[d]``, so its output is one batched matmul
+        ``values (B·L, n) @ M[g] (n, D)`` per output unit g, feature-first (g, B·L·D) like
+        :meth:`aggregate_codes`. ``rows`` (n, D) the numerical rows of the table, ``values`` (B, L, n)
+        -> (B, L, D)."""
         return _numerical_chain(rows, values, self._params())
 
 
-def _codes_chain(idx: Tensor, table: Tensor, params, pad: int | None, d_slice=None) -> Tensor:
-    """Categorical chain of :meth:`FeatureAggregation.aggregate_codes` on flat codes ``idx``
-    (B·L·n,), with explicit parameters; returns (D, B·L), or rows ``a:b`` of it for ``d_slice``."""
+def _codes_chain(codes: Tensor, table: Tensor, params, pad: int | None, d_slice=None) -> Tensor:
+    """Categorical chain of :meth:`FeatureAggregation.aggregate_codes` with explicit parameters:
+    ``codes`` (B, L, n) -> (B, L, D), or its slice ``a:b`` along D for ``d_slice``."""
     w0, b0 = params[0], params[1]
-    n = w0.shape[1]
-    if pad is not None and table.requires_grad and torch.is_grad_enabled():
-        table = torch.cat([table[:pad], table[pad: pad + 1].detach(), table[pad + 1:]])
+    *lead, n = codes.shape
     if d_slice is not None:
         table = table[:, d_slice[0]: d_slice[1]]
-    gathered = _gather_feature_last(table, idx)  # (d, B·L·n)
-    d = gathered.shape[0]
-    h = torch.addmm(b0, gathered.view(-1, n), w0.t())  # (d·B·L, n//2)
-    del gathered
-    return FeatureAggregation._finish(h, params).view(d, -1)  # (d, B·L)
-
-
-def _gather_feature_last(table: Tensor, idx: Tensor) -> Tensor:
-    """``table[idx].T`` as a contiguous (D, len(idx)) tensor, copying whichever is smaller: the gathered rows
-    (small batches, e.g. online scoring) or the transposed table (large batches)."""
-    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and idx.numel() < table.shape[0]:
-        return table.index_select(0, idx).t().contiguous()  # a shape-dependent choice: never inside a graph
-    return table.t().contiguous().index_select(1, idx)
+    x = F.embedding(codes.permute(2, 0, 1), table, padding_idx=pad)  # (n, B, L, d) feature-first
+    h = torch.addmm(b0[:, None], w0, x.reshape(n, x.numel() // n))  # (n//2, B·L·d)
+    del x
+    return FeatureAggregation._finish_feature_first(h, params).view(*lead, table.shape[1])
 
 
 def _numerical_chain(rows: Tensor, values: Tensor, params, d_slice=None) -> Tensor:
@@ -159,13 +154,19 @@ def _numerical_chain(rows: Tensor, values: Tensor, params, d_slice=None) -> Tens
     if d_slice is not None:
         rows = rows[:, d_slice[0]: d_slice[1]]
     n, D = rows.shape
-    fused = (rows[:, :, None] * w0.t()[:, None, :]).reshape(n, -1)  # (n, d·n//2)
-    h = (values.reshape(-1, n) @ fused).view(*values.shape[:-1], D, w0.shape[0]) + b0
-    return FeatureAggregation._finish(h, params)[..., 0]
+    k = w0.shape[0]
+    fused = w0[:, :, None] * rows[None]  # (k, n, d): W[g, j] · row_j[d]
+    R = values.numel() // n  # B·L (explicit: k may be 0 for n < 2, legacy degenerate widths)
+    v = values.reshape(1, R, n)
+    h = torch.baddbmm(b0[:, None, None], v.expand(k, R, n), fused)  # (k, B·L, d)
+    return FeatureAggregation._finish_feature_first(h.view(k, R * D), params).view(*values.shape[:-1], D)
 
 
-class FeedForward(nn.Module):
-    """``Linear(W, F) -> ReLU -> Dropout -> Linear(F, W)`` (legacy ``feedforward.0`` / ``.3``)."""
+class FeedForward(RandomDraws, nn.Module):
+    """``Linear(W, F) -> ReLU -> Dropout -> Linear(F, W)`` (legacy ``feedforward.0`` / ``.3``).
+
+    ``x`` (T, B, W), or (``full_T`` given) the last position of full_T (the lean last layer: the
+    dropout mask of the full (full_T, B, F) activation is drawn when ``legacy_rng``)."""
 
     def __init__(self, width: int, hidden: int, dropout: float):
         super().__init__()
@@ -173,11 +174,16 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+    def forward(self, x: Tensor, full_T: int | None = None) -> Tensor:
+        h = torch.relu(self.fc1(x))
+        if full_T is None:
+            h = dropout(h, self.drop.p, self.training, self.legacy_rng)
+        else:
+            h = dropout_last(h, self.drop.p, self.training, self.legacy_rng, (full_T, *h.shape[1:]))
+        return self.fc2(h)
 
 
-class ClassifierHead(nn.Module):
+class ClassifierHead(RandomDraws, nn.Module):
     """``Linear(in, hidden) -> ReLU -> Dropout -> Linear(hidden, out)`` (legacy ``clf`` and
     ``gate_score``; the dual gate adds a softmax in its caller)."""
 
@@ -188,4 +194,4 @@ class ClassifierHead(nn.Module):
         self.fc2 = nn.Linear(hidden, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+        return self.fc2(dropout(torch.relu(self.fc1(x)), self.drop.p, self.training, self.legacy_rng))

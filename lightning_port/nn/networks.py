@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..config import TSAConfig
 from .blocks import ClassifierHead
+from .draws import set_legacy_rng
 from .stacks import FeatureAttentionModule, OrderAttentionModule
 
 CLF_HIDDEN = 1024
@@ -70,6 +71,7 @@ class SingleSequenceNetwork(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = ClassifierHead(E + D, CLF_HIDDEN, cfg.n_classes, cfg.dropout)
         _set_fused_eval_attention(self, cfg.fused_eval_attention)
+        set_legacy_rng(self, cfg.legacy_rng)
 
     def forward(self, x_cat: Tensor, x_num: Tensor, x_engineered: Tensor | None, time_seq: Tensor,
                 attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None
@@ -116,6 +118,7 @@ class DualSequenceNetwork(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = ClassifierHead(E + D, CLF_HIDDEN, cfg.n_classes, cfg.dropout)
         _set_fused_eval_attention(self, cfg.fused_eval_attention)
+        set_legacy_rng(self, cfg.legacy_rng)
 
     def gate(self, x_seq_cat_cid, x_seq_num_cid, x_seq_cat_ccid, x_seq_num_ccid, attn_mask=None,
              key_padding_mask_cid=None, key_padding_mask_ccid=None) -> Tensor:

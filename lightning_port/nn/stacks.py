@@ -29,6 +29,11 @@ def numerical_rows(table: Tensor, n_num: int) -> Tensor:
 # Module-level so tests and benchmarks can compare against the stored-activation path.
 RECOMPUTE_AGGREGATION = True
 
+# Lean last layer: the stacks return their last token only, so their last layer computes that token alone
+# (keys and values of every token; every random draw of the full layer still made when legacy_rng).
+# Module-level so tests and benchmarks can compare against the full computation.
+LEAN_LAST_LAYER = True
+
 
 def checkpointing_active(module: nn.Module) -> bool:
     """Whether activation recomputation may be used: training with autograd on, and not while
@@ -37,15 +42,18 @@ def checkpointing_active(module: nn.Module) -> bool:
             and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
 
 
-def run_layers(layers: nn.ModuleList, x: Tensor, *args, recompute: bool) -> Tensor:
+def run_layers(layers: nn.ModuleList, x: Tensor, *args, recompute: bool, last_only: bool = False) -> Tensor:
     """Apply ``layers`` in turn; with ``recompute`` each under ``torch.utils.checkpoint`` with the
     RNG state preserved, so the recomputation in backward replays the same dropout masks and MoE
-    coin flips and leaves the global generator where the plain forward + backward leaves it."""
-    for layer in layers:
+    coin flips and leaves the global generator where the plain forward + backward leaves it.
+    ``last_only``: the last layer computes the last token only (its output is (1, B, W))."""
+    n = len(layers)
+    for i, layer in enumerate(layers):
+        kw = {"last_only": True} if last_only and i == n - 1 else {}
         if recompute:
-            x = checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=True)
+            x = checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=True, **kw)
         else:
-            x = layer(x, *args)
+            x = layer(x, *args, **kw)
     return x
 
 
@@ -111,8 +119,10 @@ class OrderAttentionModule(nn.Module):
         time = None
         if self.use_time:
             time = F.pad(time_seq.reshape(B, L, 1), (0, 0, 0, 1)).transpose(0, 1)  # (L+1, B, 1)
+        # only the dummy token is returned: the last layer computes it alone (see nn.attention)
         x = run_layers(self.layers, x, time, attn_mask, key_padding_mask, row_mask,
-                       recompute=active and self.activation_checkpointing)
+                       recompute=active and self.activation_checkpointing,
+                       last_only=LEAN_LAST_LAYER and not return_seq)
         if return_seq:
             return x.transpose(0, 1)  # (B, L+1, E)
         return x[-1]  # (B, E)
@@ -167,5 +177,6 @@ class FeatureAttentionModule(nn.Module):
         parts.append(summary)
         x = torch.cat(parts, dim=1).transpose(0, 1)  # (T, B, D), T = n_cat + n_num + n_eng + 1
         x = self.token_norm(x)
-        x = run_layers(self.layers, x, recompute=self.activation_checkpointing and checkpointing_active(self))
+        x = run_layers(self.layers, x, recompute=self.activation_checkpointing and checkpointing_active(self),
+                       last_only=LEAN_LAST_LAYER)  # only the summary token is returned: the last layer computes it alone
         return x[-1]  # (B, D)

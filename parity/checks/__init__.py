@@ -22,6 +22,7 @@ from ..report import CheckRecord
 from .base import ParityFailure, RunContext, run_property
 from .checkpoint import check_checkpoint
 from .convergence import check_convergence
+from .fast_path import check_fast_path, check_fast_path_rates, check_fast_path_training
 from .forward import check_forward
 from .gradient import check_gradient
 from .init import check_init
@@ -45,6 +46,9 @@ __all__ = [
     "RunContext",
     "check_checkpoint",
     "check_convergence",
+    "check_fast_path",
+    "check_fast_path_rates",
+    "check_fast_path_training",
     "check_fixtures",
     "check_forward",
     "check_gradient",
@@ -65,6 +69,7 @@ __all__ = [
 TRAINING_CASES = ("single:tiny", "single:tiny-plain", "single:drawn", "dual:tiny")
 # the precision category: parity.checks.precision.FORWARD_CASES / TRAINING_CASES x VARIANTS
 ONNX_CASES = ("single:tiny", "single:tiny-plain", "dual:tiny")
+FAST_PATH_CASES = ("single:drawn", "dual:drawn")
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,13 @@ def groups() -> list[Group]:
     out.append(Group("checkpoint", "checkpoint (every legacy file format)", check_checkpoint))
     out += [Group("convergence", f"convergence {kind} (legacy loop vs Trainer.fit to early stopping)",
                   partial(check_convergence, kind)) for kind in ("single", "dual")]
+    for m in FAST_PATH_CASES:
+        out.append(Group("fast_path", f"fast_path {m}", partial(check_fast_path, case(m))))
+        out.append(Group("fast_path", f"fast_path {m.split(':')[0]}:rates (keep rates)",
+                         partial(check_fast_path_rates, case(m))))
+    for kind in ("single", "dual"):
+        out.append(Group("fast_path", f"fast_path {kind}:synth (short training runs)",
+                         partial(check_fast_path_training, kind)))
     out += _precision_groups()
     return out
 
