@@ -92,8 +92,9 @@ def rewrite_gather_of_transpose(model: Any) -> int:
     given as ``Transpose(T, perm=[1, 0])`` or as an initializer (then stored transposed once); returns how
     many were rewritten.
 
-    The port's categorical lookup gathers columns of the transposed embedding table
-    (``table.t().contiguous().index_select(1, codes)``, its large-batch eager path). ONNX Runtime's
+    The port's categorical lookup used to gather columns of the transposed embedding table
+    (``table.t().contiguous().index_select(1, codes)``); since the feature-first lookup it gathers rows and
+    this rewrite finds nothing in the port's own graphs (kept as a guard for such graphs). ONNX Runtime's
     Gather along axis 1 copies one element at a time (0.7 ms for the production model's 2703 codes at
     batch 1); gathering whole rows and transposing the result moves the same values (bit-identical)
     with contiguous copies.

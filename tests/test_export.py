@@ -350,7 +350,14 @@ def test_optimized_export_metadata_and_session(tmp_path):
     assert meta["ort_optimization"] == "extended"
     assert meta["onnxruntime_version"] == ort.__version__
     assert meta["quantization"] == "none"
-    assert json.loads(meta["graph_rewrites"])["gather_rows"] == 1
+    # the feature-first lookup gathers table rows already: nothing left for the column-gather rewrite, and
+    # every lookup in an embedding table of the saved graph is a row gather (axis 0)
+    assert json.loads(meta["graph_rewrites"])["gather_rows"] == 0
+    g = onnx.load(str(opt)).graph
+    tables = {i.name for i in g.initializer if len(i.dims) == 2}
+    lookups = [n for n in g.node if n.op_type == "Gather" and n.input[0] in tables]
+    assert lookups
+    assert all(a.i == 0 for n in lookups for a in n.attribute if a.name == "axis")
     assert meta["moe_eval_policy"] == POLICY and meta["kind"] == "single"  # the export's own keys survive
     assert "ort_optimization" not in ex.read_metadata(plain)
     assert {n.domain for n in onnx.load(str(plain)).graph.node} <= {"", "ai.onnx"}  # any ONNX runtime

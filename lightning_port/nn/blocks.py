@@ -101,7 +101,7 @@ class FeatureAggregation(nn.Module):
         """:meth:`aggregate_codes` with nothing stored for backward but its inputs (training
         memory); the chain is recomputed in backward in slices of D. Same forward value."""
         n_slices = max(1, -(-(table.shape[1] * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
-        pad = None if padding_idx is None else padding_idx % table.shape[0]
+        pad = _pad_row(padding_idx, table)
         fn = lambda idx, tbl, *params, d_slice=None: _codes_chain(idx, tbl, params, pad, d_slice)  # noqa: E731
         return _SlicedRecompute.apply(fn, -1, min(n_slices, table.shape[1]), codes, table, *self._params())
 
@@ -122,7 +122,7 @@ class FeatureAggregation(nn.Module):
         ``W (k', k) @ h (k, B·L·D)`` -- no permuted copy of the ``(B, L, n, D)`` embeddings and no
         transposed gather. Row ``padding_idx`` is read but gets no gradient (``F.embedding`` semantics).
         """
-        pad = None if padding_idx is None else padding_idx % table.shape[0]
+        pad = _pad_row(padding_idx, table)
         return _codes_chain(codes, table, self._params(), pad)
 
     def project_embeddings(self, rows: Tensor, values: Tensor) -> Tensor:
@@ -132,6 +132,14 @@ class FeatureAggregation(nn.Module):
         :meth:`aggregate_codes`. ``rows`` (n, D) the numerical rows of the table, ``values`` (B, L, n)
         -> (B, L, D)."""
         return _numerical_chain(rows, values, self._params())
+
+
+def _pad_row(padding_idx: int | None, table: Tensor) -> int | None:
+    """``padding_idx`` as a non-negative Python int (``F.embedding`` compares it with 0; the table's row
+    count is only read for a negative index, so tracing sees no tensor-valued comparison)."""
+    if padding_idx is None or padding_idx >= 0:
+        return padding_idx
+    return padding_idx + int(table.shape[0])
 
 
 def _codes_chain(codes: Tensor, table: Tensor, params, pad: int | None, d_slice=None) -> Tensor:
