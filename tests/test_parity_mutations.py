@@ -103,11 +103,12 @@ def test_swapped_dropout_calls_are_caught():
         layer = port.network.order.layers[0]
         from lightning_port.nn.attention import _ff
 
-        def forward(x, time=None, attn_mask=None, key_padding_mask=None, row_mask=None):
+        def forward(x, time=None, attn_mask=None, key_padding_mask=None, row_mask=None, last_only=False):
+            assert not last_only  # layer 0 of two: every token
             p = layer.drop2.p
             keep = torch.empty_like(x).bernoulli_(1 - p) / (1 - p) if layer.training and p > 0 else 1.0
             x = layer.norm1(x + layer.drop1(layer.attn(x, time, attn_mask, key_padding_mask)))
-            return layer.norm2(x + _ff(layer.ff, x, row_mask) * keep)
+            return layer.norm2(x + _ff(layer.ff, x, row_mask, None) * keep)
 
         layer.forward = forward
 
