@@ -48,6 +48,7 @@ class JobSpec:
     layers_feature: int = 1
     vali_rows: int = 150
     cali_rows: int = 120
+    train_rows: int = 64
     batch_size: int = 32
     world: int | None = None  # None: a single-process job (file order); N: torchrun with N GPUs
     epoch: int = 3  # the DistributedSampler epoch of the final evaluation
@@ -140,7 +141,7 @@ def _sequence(rng, n, spec, card=False):
 def write_data(root: Path, spec: JobSpec) -> dict[str, int]:
     """SageMaker channels ``root/{split}/{split}_..._v0.npy`` for train (small), vali and cali."""
     rng = np.random.default_rng(spec.data_seed)
-    rows = {"train": 64, "vali": spec.vali_rows, "cali": spec.cali_rows}
+    rows = {"train": spec.train_rows, "vali": spec.vali_rows, "cali": spec.cali_rows}
     for split, n in rows.items():
         d = root / split
         d.mkdir(parents=True, exist_ok=True)
