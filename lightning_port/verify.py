@@ -772,17 +772,18 @@ def _training_markdown(t: dict[str, Any]) -> list[str]:
              f"job's converted weights, on {t['data']} ({', '.join(f'{s} {n}' for s, n in t['rows'].items())} rows): "
              f"batch {p['batch_size']}, lr {p['lr']:g}, scheduler_maxlr {p['scheduler_maxlr']:g}, loss {p['loss']}, "
              f"patience {p['patience']}, max_epochs {p['max_epochs']}.", ""]
-    lines += ["| comparison | values | worst abs error | tolerance at the last step (rtol / atol) | result |",
-              "|---|---:|---:|---|---|"]
+    lines += ["| comparison | values | worst abs error | worst rel error | tolerance at the last step (rtol / atol) | "
+              "result |", "|---|---:|---:|---:|---|---|"]
     for name, c in t["comparisons"].items():
         tol = c["tolerance"]
-        lines.append(f"| {name} | {c['values_compared']} | {_fmt(c['max_abs_err'])} | {tol['rtol']:.3g} / "
-                     f"{tol['atol']:.3g} | {'pass' if c['passed'] else 'FAIL'} |")
+        lines.append(f"| {name} | {c['values_compared']} | {_fmt(c['max_abs_err'])} | {_fmt(c['max_rel_err'])} | "
+                     f"{tol['rtol']:.3g} / {tol['atol']:.3g} | {'pass' if c['passed'] else 'FAIL'} |")
     lines += ["", "| | legacy | port |", "|---|---:|---:|",
               f"| epochs trained | {t['epochs'][0]} | {t['epochs'][1]} |",
               f"| best epoch (0-based) | {_fmt(t['best_epoch'][0])} | {_fmt(t['best_epoch'][1])} |",
               f"| early stop raised after epoch | {_fmt(t['stop_epoch'][0])} | {_fmt(t['stop_epoch'][1])} |",
-              f"| seconds per epoch | {t['seconds_per_epoch']['legacy']:.2f} | {t['seconds_per_epoch']['port']:.2f} |",
+              f"| seconds per epoch (the side's whole run / epochs) | {t['seconds_per_epoch']['legacy']:.2f} | "
+              f"{t['seconds_per_epoch']['port']:.2f} |",
               "", "| epoch | train loss legacy | train loss port | vali loss legacy | vali loss port | AUC legacy | "
               "AUC port |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for e in range(max(t["epochs"])):
@@ -1363,8 +1364,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
               f"{s['rows_beyond_tolerance']} beyond tolerance{extra}")
     t = report.get("training")
     if t:
+        stops = " / ".join("none" if e is None else str(e) for e in t["stop_epoch"])
         print(f"training: {t['epochs'][0]} epoch(s) legacy / {t['epochs'][1]} port, best epoch {t['best_epoch'][0]} / "
-              f"{t['best_epoch'][1]}, early stop after {t['stop_epoch'][0]} / {t['stop_epoch'][1]}, max |score diff| "
+              f"{t['best_epoch'][1]}, early stop raised after epoch {stops}, max |score diff| "
               f"{t['max_port_score_diff']:.3g}, {len(t['comparisons']) - len(t['failed'])} of {len(t['comparisons'])} "
               f"comparisons within tolerance ({'pass' if t['passed'] else 'FAIL'})")
     for reason in report["reasons"]:

@@ -197,13 +197,15 @@ class Job:
     scores: dict  # split -> (scores, labels) as written
 
 
-def build_job(root: Path, spec: JobSpec, *, rng_seed: int | None = None, tamper=None) -> Job:
+def build_job(root: Path, spec: JobSpec, *, rng_seed: int | None = None, tamper=None, data: Path | None = None) -> Job:
     """A whole legacy job under ``root``: ``data/`` (channels), ``model/`` (model_dir) and
     ``model.tar.gz``, ``hyperparameters.json`` beside the tarball. ``tamper(split, scores) -> scores``
-    plants a fault in the score files before they are written."""
+    plants a fault in the score files before they are written. ``data``: an existing channel-layout
+    folder with the spec's feature counts (e.g. ``tsa-synth --layout channels``) instead of ``data/``."""
     root.mkdir(parents=True, exist_ok=True)
-    data = root / "data"
-    write_data(data, spec)
+    if data is None:
+        data = root / "data"
+        write_data(data, spec)
     model = legacy_model(spec, data)
     model_dir = root / "model"
     model_dir.mkdir(exist_ok=True)
