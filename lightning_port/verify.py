@@ -3,7 +3,8 @@
 ::
 
     tsa-verify SOURCE --data-dir DATA [--hparams H] [--split vali|cali|all] [--batch-size N]
-               [--world-size N] [--epoch E] [--moe-seeds K] [--rows N] [--out reports/verify]
+               [--world-size N] [--epoch E] [--moe-seeds K] [--rows N] [--train-epochs N]
+               [--out reports/verify]
     python -m parity verify ...        # the same command
 
 SOURCE is what the legacy SageMaker job left: ``model.tar.gz``, its extracted folder, or a model
@@ -21,6 +22,10 @@ Two comparisons, both reported (docs/verify.md says what each number means):
 2. the legacy job's own files (``score_file.csv`` / ``tag_file.csv``, ``cali_*``,
    ``percentile_score.pkl``) vs the port: row by row for models whose scores do not depend on coin
    flips; for MoE models with coin flips the statistical criterion of :func:`judge_moe`.
+
+With ``--train-epochs N``, a third: the legacy ``train.py`` loop and ``Trainer.fit`` fine-tuning the
+job's model side by side for up to N epochs (:func:`compare_training`, the comparison of
+:mod:`parity.convergence`).
 
 Writes ``report.json``, ``report.md`` and PNGs under ``--out``. Exit 0 pass, 1 beyond tolerance,
 2 refused (one line on stderr). Memory: the splits are memory-mapped and scored batch by batch;
@@ -465,6 +470,19 @@ class SplitScores:
     slots_scored: np.ndarray  # (n_slots,) bool
 
 
+def _expected_dims(hp: Any) -> tuple[Any, str]:
+    """The feature counts the model's hyperparameters fix, and where they come from (for the data reader)."""
+    from .data import SplitDims
+
+    want = SplitDims(n_cat=hp["n_cat_features"], n_num=hp["n_num_features"], seq_len=hp["seq_len"],
+                     n_eng=hp["n_engineered_num_features"])
+    keys = ("n_cat_features", "n_num_features", "seq_len", "n_engineered_num_features", "n_embedding")
+    absent = [k for k in keys if k not in hp.explicit]
+    where = f"the model's hyperparameters, {hp.source}" + (
+        f"; absent there, so train.py's defaults: {', '.join(absent)}" if absent else "")
+    return want, where
+
+
 class SplitData:
     """One split read twice: by the legacy loader (for ``reference/``) and by :mod:`lightning_port.data` (port)."""
 
@@ -472,17 +490,11 @@ class SplitData:
         from reference.training import LegacyDataset
         from reference.training import load_split as legacy_load_split
 
-        from .data import DataError, SplitDims, TSANumpyDataset, load_split
+        from .data import DataError, TSANumpyDataset, load_split
 
-        want = SplitDims(n_cat=hp["n_cat_features"], n_num=hp["n_num_features"], seq_len=hp["seq_len"],
-                         n_eng=hp["n_engineered_num_features"])
-        keys = ("n_cat_features", "n_num_features", "seq_len", "n_engineered_num_features", "n_embedding")
-        absent = [k for k in keys if k not in hp.explicit]
-        where = f"the model's hyperparameters, {hp.source}" + (
-            f"; absent there, so train.py's defaults: {', '.join(absent)}" if absent else "")
         try:
             loaded = load_split(data_dir, split, kind, version, n_embedding=hp["n_embedding"],
-                                n_num_features=hp["n_num_features"], expected=[(want, where)])
+                                n_num_features=hp["n_num_features"], expected=[_expected_dims(hp)])
         except DataError as e:
             raise VerifyError(str(e)) from None
         self.layout = loaded.layout
@@ -636,6 +648,160 @@ def _plots(out: Path, split: str, labels: np.ndarray, ref: np.ndarray, port: np.
     return written
 
 
+# ------------------------------------------------------------------------------------------ training
+TRAIN_PNG = "training_curves.png"
+TRAIN_SPLITS = ("train", "vali", "cali")
+# legacy reference.training.set_loss (what legacy_fit trains with): FocalLoss takes these defaults only
+LEGACY_FIT_FOCAL = {"gamma": 2.0, "alpha": 0.25, "loss_reduction": "mean"}
+
+
+def check_training_input(hp: Any, data_dir: Path, version: str, train_epochs: int) -> None:
+    """Refuse ``--train-epochs`` before any work: a negative count, a loss the legacy loop of ``reference/``
+    cannot train the way the job did, or splits the data reader rejects (a job without a train split)."""
+    from .data import DataError, detect_layout
+
+    if train_epochs < 0:
+        raise VerifyError(f"--train-epochs must be >= 0, got {train_epochs}")
+    if not train_epochs:
+        return
+    if hp["loss"] == "BCEWithLogitsLoss":
+        raise VerifyError(f"{hp.source}: loss = BCEWithLogitsLoss: the legacy set_loss cannot train a 2-class model "
+                          "with it (legacy bug), so --train-epochs has no legacy run to compare with")
+    if hp["loss"] == "FocalLoss":
+        odd = [f"{k} = {hp.get(k)}" for k, v in LEGACY_FIT_FOCAL.items() if hp.get(k, v) != v]
+        if odd:
+            raise VerifyError(f"{hp.source}: FocalLoss with {', '.join(odd)}: the legacy loop of reference/ trains "
+                              "FocalLoss with gamma 2, alpha 0.25, reduction mean only; --train-epochs cannot compare it")
+    for split in TRAIN_SPLITS:
+        try:
+            detect_layout(data_dir, split, hp.kind, version)
+        except DataError as e:
+            raise VerifyError(f"--train-epochs needs the job's {split} split: {e}") from None
+
+
+def training_data(data_dir: Path, hp: Any, version: str, rows: int | None, workdir: Path) -> tuple[Path, dict[str, int]]:
+    """The folder the training comparison reads and its rows per split. Every split is read (and checked) by
+    :func:`lightning_port.data.load_split`, flat or channel layout; with ``rows`` the first ``rows`` rows of each
+    split are copied into a private flat folder (that is how ``--rows`` limits training)."""
+    from .data import DataError, layout_files, load_split
+
+    loaded = {}
+    for split in TRAIN_SPLITS:
+        try:
+            loaded[split] = load_split(data_dir, split, hp.kind, version, n_embedding=hp["n_embedding"],
+                                       n_num_features=hp["n_num_features"], expected=[_expected_dims(hp)])
+        except DataError as e:
+            raise VerifyError(f"--train-epochs: {e}") from None
+    if rows is None or all(len(ld) <= rows for ld in loaded.values()):
+        return data_dir, {s: len(ld) for s, ld in loaded.items()}
+    folder = workdir / "training_data"
+    for split, ld in loaded.items():
+        files = layout_files(folder, split, hp.kind, version, "flat")
+        files["y"].parent.mkdir(parents=True, exist_ok=True)
+        for key, arr in ld.arrays.items():
+            np.save(files[key], np.ascontiguousarray(arr[:rows]))
+    return folder, {s: min(len(ld), rows) for s, ld in loaded.items()}
+
+
+def compare_training(opts: Options, hp: Any, legacy_sd: dict[str, torch.Tensor], label: str, batch_size: int,
+                     batch_from: str, data_dir: Path, out: Path, workdir: Path, reasons: list[str]) -> dict[str, Any]:
+    """``--train-epochs N``: the legacy ``train.py`` loop of ``reference/`` and ``Trainer.fit`` with
+    ``legacy_selection``, both from the job's converted weights, for up to N epochs on the job's splits, compared
+    epoch by epoch by :func:`parity.convergence.run_convergence` (the ``convergence`` parity category's protocol)."""
+    import logging
+
+    from parity.convergence import Protocol, convergence_figure, run_convergence
+
+    n = opts.train_epochs
+    folder, rows = training_data(data_dir, hp, opts.version, opts.rows, workdir)
+    models = build_models(hp, legacy_sd, label)  # fresh copies: both are trained in place
+    chaotic = hp.uses_moe
+    protocol = Protocol(max_epochs=n, patience=hp["patience"], batch_size=batch_size, lr=hp["lr"],
+                        scheduler_maxlr=hp["scheduler_maxlr"], loss=hp["loss"], data_seed=0)
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = run_convergence(models.reference, models.port, folder, hp.kind, protocol, workdir / "training",
+                                  label=f"{label}, {n} epoch(s)", reference_threads=-1 if chaotic else None,
+                                  version=opts.version)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    section = res.summary()
+    failed = [name for name, c in res.comparisons.items() if not c.passed]
+    for name in failed:
+        c = res.comparisons[name]
+        reasons.append(f"training: {name} beyond tolerance: {c.mismatches[0].describe(c.tolerance)}")
+    L, P = res.legacy, res.port
+    notes = [f"OneCycleLR runs over {n} epoch(s) (--train-epochs), not the job's max_epoch {hp['max_epoch']}: the "
+             "learning-rate schedule is the job's shape compressed to N epochs",
+             "both sides: fp32 on CPU, one process, training order the permutation of seed 0 + epoch "
+             "(DistributedSampler(seed=0) with one replica), torch.manual_seed before every step and evaluation pass"]
+    if hp["use_amp"]:
+        notes.append("the job trained with use_amp 1 (fp16 autocast on its GPU); this comparison is fp32")
+    if chaotic:
+        notes.append(f"MoE with {hp['num_experts']} experts: value-dependent routing makes fp32 training chaotic "
+                     "(docs/parity.md), so the legacy loop ran a second time with another thread count and the "
+                     "curves are compared only while the legacy reproduces itself (horizon: "
+                     + ("the whole run" if res.horizon is None else f"{res.horizon} epoch(s)") + ")")
+    section.update(
+        passed=not failed, failed=failed, epochs_requested=n, rows=rows, data=str(folder if folder == data_dir else
+                                                                                  f"first {opts.rows} rows of {data_dir}"),
+        hyperparameters={k: {"value": hp[k], "from": hp.origin(k)} for k in ("lr", "scheduler_maxlr", "loss",
+                                                                             "patience", "max_epoch")}
+        | {"batch_size": {"value": batch_size, "from": batch_from}},
+        legacy_reference_run=chaotic,
+        seconds_per_epoch={"legacy": round(L.seconds / max(L.epochs, 1), 3),
+                           "port": round(P.seconds / max(P.epochs, 1), 3)},
+        training_notes=notes, plot=None)
+    if opts.plots:
+        convergence_figure([res]).savefig(_ensure(out) / TRAIN_PNG, dpi=90)
+        section["plot"] = TRAIN_PNG
+    return section
+
+
+def _training_markdown(t: dict[str, Any]) -> list[str]:
+    p = t["protocol"]
+    lines = [f"## Training: up to {t['epochs_requested']} epoch(s) from the job's weights: "
+             f"{'pass' if t['passed'] else 'FAIL'}", "",
+             f"The legacy train.py loop (reference/) and Trainer.fit with legacy_selection, both starting from the "
+             f"job's converted weights, on {t['data']} ({', '.join(f'{s} {n}' for s, n in t['rows'].items())} rows): "
+             f"batch {p['batch_size']}, lr {p['lr']:g}, scheduler_maxlr {p['scheduler_maxlr']:g}, loss {p['loss']}, "
+             f"patience {p['patience']}, max_epochs {p['max_epochs']}.", ""]
+    lines += ["| comparison | values | worst abs error | worst rel error | tolerance at the last step (rtol / atol) | "
+              "result |", "|---|---:|---:|---:|---|---|"]
+    for name, c in t["comparisons"].items():
+        tol = c["tolerance"]
+        lines.append(f"| {name} | {c['values_compared']} | {_fmt(c['max_abs_err'])} | {_fmt(c['max_rel_err'])} | "
+                     f"{tol['rtol']:.3g} / {tol['atol']:.3g} | {'pass' if c['passed'] else 'FAIL'} |")
+    lines += ["", "| | legacy | port |", "|---|---:|---:|",
+              f"| epochs trained | {t['epochs'][0]} | {t['epochs'][1]} |",
+              f"| best epoch (0-based) | {_fmt(t['best_epoch'][0])} | {_fmt(t['best_epoch'][1])} |",
+              f"| early stop raised after epoch | {_fmt(t['stop_epoch'][0])} | {_fmt(t['stop_epoch'][1])} |",
+              f"| seconds per epoch (the side's whole run / epochs) | {t['seconds_per_epoch']['legacy']:.2f} | "
+              f"{t['seconds_per_epoch']['port']:.2f} |",
+              "", "| epoch | train loss legacy | train loss port | vali loss legacy | vali loss port | AUC legacy | "
+              "AUC port |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in range(max(t["epochs"])):
+        cells = [_fmt(t[key][side][e], ".8g") if e < len(t[key][side]) else "–"
+                 for key in ("train_loss", "vali_loss", "auc_raw") for side in ("legacy", "port")]
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for c in t["comparisons"].values():
+        lines += [f"- {m}" for m in c["mismatches"][:3]]
+    lines += [f"- {n}" for n in t["training_notes"]]
+    if t["notes"]:
+        lines.append(f"- {t['notes']}")
+    lines.append("")
+    if t["plot"]:
+        lines += [f"![legacy loop vs Trainer.fit, per epoch]({t['plot']})", ""]
+    return lines
+
+
 # ------------------------------------------------------------------------------------------- options
 @dataclass
 class Options:
@@ -656,6 +822,7 @@ class Options:
     file_atol: float | None = None
     progress: bool | None = None  # None: tqdm decides (off when stderr is not a terminal)
     plots: bool = True
+    train_epochs: int = 0  # > 0: also the training comparison (legacy loop vs Trainer.fit) for up to N epochs
 
 
 def _split_list(split: str) -> list[str]:
@@ -714,6 +881,8 @@ def run(opts: Options) -> dict[str, Any]:
         raise VerifyError("--epoch applies to a multi-GPU job's DistributedSampler order: give --world-size too")
     if opts.rows is not None and opts.rows < 1:
         raise VerifyError(f"--rows must be >= 1, got {opts.rows}")
+    if opts.train_epochs < 0:
+        raise VerifyError(f"--train-epochs must be >= 0, got {opts.train_epochs}")
     if opts.file_atol is not None and not (0 <= opts.file_atol < 1):
         raise VerifyError(f"--file-atol must be in [0, 1), got {opts.file_atol}")
     splits = _split_list(opts.split)
@@ -752,6 +921,7 @@ def run(opts: Options) -> dict[str, Any]:
         if models.coin_flips and k_draws < 2:
             raise VerifyError("--moe-seeds must be at least 2 for an MoE model with coin flips")
         workdir = Path(stack.enter_context(_private_dir()))
+        check_training_input(hp, data_dir, opts.version, opts.train_epochs)
 
         datas = {s: SplitData(data_dir, s, hp.kind, opts.version, hp) for s in splits}
         plans: dict[str, Plan] = {}
@@ -857,6 +1027,8 @@ def run(opts: Options) -> dict[str, Any]:
             entry["plots"] = _plots(_ensure(out), s, labels, ref, port0, lf) if opts.plots else []
             report_splits[s] = entry
         progress(0, close=True)
+        training = (compare_training(opts, hp, legacy_sd, label, batch_size, batch_from, data_dir, out, workdir, reasons)
+                    if opts.train_epochs else None)
     report_splits = {s: report_splits[s] for s in splits}
 
     n_params = sum(p.numel() for p in models.port.parameters())
@@ -872,11 +1044,12 @@ def run(opts: Options) -> dict[str, Any]:
         "hyperparameters": hp.as_dict(),
         "settings": {"data_dir": str(data_dir), "splits": splits, "batch_size": batch_size, "batch_size_from": batch_from,
                      "world_size": opts.world_size, "epoch": opts.epoch, "moe_seeds": k_draws if models.coin_flips else None,
-                     "seed": opts.seed, "rows": opts.rows, "version": opts.version,
+                     "seed": opts.seed, "rows": opts.rows, "version": opts.version, "train_epochs": opts.train_epochs,
                      "tolerance_legacy_model": MODEL_TOL.as_dict(), "tolerance_legacy_file": file_tol.as_dict(),
                      "moe_criterion": {"taus": list(MOE_TAUS), "alpha": MOE_ALPHA, "lambda_confidence": MOE_LAMBDA_CONF}
                      if models.coin_flips else None},
         "splits": report_splits,
+        "training": training,
         "notes": notes,
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
@@ -1105,6 +1278,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         if s["plots"]:
             lines += ["", " ".join(f"![{p}]({p})" for p in s["plots"])]
         lines.append("")
+    if r.get("training"):
+        lines += _training_markdown(r["training"])
     if r["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     lines += [f"{r['seconds']} s, torch {r['torch']}.", ""]
@@ -1126,7 +1301,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, help="with --world-size: the evaluation epoch (default: found from tag_file.csv)")
     p.add_argument("--moe-seeds", type=int, default=DEFAULT_MOE_SEEDS,
                    help=f"MoE models with coin flips: port draws with fresh seeds (default {DEFAULT_MOE_SEEDS})")
-    p.add_argument("--rows", type=int, help="verify only the first N lines of each split (in the legacy order)")
+    p.add_argument("--rows", type=int, help="verify only the first N lines of each split (in the legacy order); with "
+                                            "--train-epochs also train on the first N rows of train / vali / cali "
+                                            "(a laptop-sized run)")
+    p.add_argument("--train-epochs", type=int, default=0, metavar="N",
+                   help="after the scoring proof, fine-tune the job's model for up to N epochs with the legacy train.py "
+                        "loop (reference/) and with Trainer.fit (legacy_selection), same data order and seeds, the "
+                        "job's batch_size / lr / scheduler_maxlr / loss / patience (OneCycleLR over N epochs), and "
+                        "compare them epoch by epoch (default 0: off)")
     p.add_argument("--out", default="reports/verify", help="folder for report.md, report.json and PNGs")
     p.add_argument("--test-name", help="picks {test_name}.pt in SOURCE (default: test_name from the hyperparameters)")
     p.add_argument("--seed", type=int, default=0, help="base seed of verify's coin flips (default 0)")
@@ -1148,7 +1330,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
                    batch_size=args.batch_size, world_size=args.world_size, epoch=args.epoch, moe_seeds=args.moe_seeds,
                    rows=args.rows, out=args.out, test_name=args.test_name, seed=args.seed, version=args.version,
                    trust_pickle=args.trust_pickle, file_atol=args.file_atol,
-                   progress=False if args.no_progress else None, plots=not args.no_plots)
+                   progress=False if args.no_progress else None, plots=not args.no_plots,
+                   train_epochs=args.train_epochs)
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -1179,6 +1362,13 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             extra = f"; legacy file: max |diff| {lf['max_abs_diff']:.3g} ({'pass' if lf['passed'] else 'FAIL'})"
         print(f"{name}: {s['rows']} rows; legacy model vs port: max |diff| {s['max_abs_diff']:.3g}, "
               f"{s['rows_beyond_tolerance']} beyond tolerance{extra}")
+    t = report.get("training")
+    if t:
+        stops = " / ".join("none" if e is None else str(e) for e in t["stop_epoch"])
+        print(f"training: {t['epochs'][0]} epoch(s) legacy / {t['epochs'][1]} port, best epoch {t['best_epoch'][0]} / "
+              f"{t['best_epoch'][1]}, early stop raised after epoch {stops}, max |score diff| "
+              f"{t['max_port_score_diff']:.3g}, {len(t['comparisons']) - len(t['failed'])} of {len(t['comparisons'])} "
+              f"comparisons within tolerance ({'pass' if t['passed'] else 'FAIL'})")
     for reason in report["reasons"]:
         print(f"FAIL: {reason}")
     print(f"{PROG}: {report['verdict'].upper()}: wrote {out / 'report.md'}, {out / 'report.json'}")

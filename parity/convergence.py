@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import pickle
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +115,40 @@ class ConvergenceResult:
         """Largest |legacy (other thread count) - legacy| validation score, or None without a reference run."""
         return None if self.reference is None else _spread(self.reference, self.legacy)
 
+    def summary(self) -> dict:
+        """The run for a JSON report: both sides' per-epoch curves (``[legacy, port]`` pairs for the decisions), the
+        protocol, the spreads, and each comparison with its pass/fail, tolerance (the one at the last step compared)
+        and worst error."""
+        L, P = self.legacy, self.port
+        return {
+            "label": self.label, "protocol": asdict(self.protocol), "steps_per_epoch": self.steps_per_epoch,
+            "vali_rows": self.n_vali, "epochs": [L.epochs, P.epochs], "best_epoch": [L.best_epoch, P.best_epoch],
+            "stop_epoch": [L.stop_epoch, P.stop_epoch],
+            "auc": {"legacy": L.auc, "port": P.auc}, "auc_raw": {"legacy": L.auc_raw, "port": P.auc_raw},
+            "train_loss": {"legacy": L.train_loss, "port": P.train_loss},
+            "vali_loss": {"legacy": L.vali_loss, "port": P.vali_loss},
+            "max_port_score_diff": self.port_spread, "max_legacy_reference_score_diff": self.legacy_spread,
+            "reproducibility_horizon": self.horizon,
+            "seconds": {"legacy": round(L.seconds, 2), "port": round(P.seconds, 2),
+                        "legacy_reference": None if self.reference is None else round(self.reference.seconds, 2)},
+            "comparisons": {name: {"passed": c.passed, "tolerance": c.tolerance.as_dict(), "max_abs_err": c.max_abs_err,
+                                   "max_rel_err": c.max_rel_err, "worst": c.worst_path, "values_compared": c.leaves,
+                                   "mismatches": [m.describe(c.tolerance) for m in c.mismatches[:10]]}
+                            for name, c in self.comparisons.items()},
+            "notes": self.notes.strip(),
+        }
+
+
+def legacy_split(data_dir: str | Path, split: str, kind: str, version: str = "v0") -> dict[str, np.ndarray]:
+    """One split read by the legacy reader of ``reference/``, in the layout the data has (flat or SageMaker channel
+    folders, detected by :func:`lightning_port.data.detect_layout`, the one place that decides), memory-mapped
+    read-only (the legacy's ``r+`` would need write access to a team's data)."""
+    from lightning_port.data import detect_layout
+    from reference.training import load_split
+
+    layout = detect_layout(data_dir, split, kind, version)
+    return load_split(data_dir, split, version, kind, layout=layout, mmap_mode="r")
+
 
 def epoch_order(n: int, data_seed: int, epoch: int) -> list[int]:
     """The training order of ``epoch`` (``DistributedSampler(shuffle=True, seed=data_seed)`` with one replica)."""
@@ -130,18 +164,19 @@ def _mean_by_epoch(values: list[float], per_epoch: int, epochs: int) -> list[flo
 # ---------------------------------------------------------------------------------------------- the two sides
 
 
-def run_legacy(legacy: torch.nn.Module, data_dir: str | Path, kind: str, protocol: Protocol, out_dir: Path) -> Curves:
+def run_legacy(legacy: torch.nn.Module, data_dir: str | Path, kind: str, protocol: Protocol, out_dir: Path,
+               version: str = "v0") -> Curves:
     """The legacy loop (``reference.training.legacy_fit``) under the protocol."""
     import time
 
     from torch.utils.data import DataLoader
 
-    from reference.training import LegacyDataset, legacy_fit, load_split
+    from reference.training import LegacyDataset, legacy_fit
 
     from .rng import reseed_for_step
 
     t0 = time.time()
-    data = {s: LegacyDataset(load_split(data_dir, s, kind=kind)) for s in ("train", "vali", "cali")}
+    data = {s: LegacyDataset(legacy_split(data_dir, s, kind, version)) for s in ("train", "vali", "cali")}
     B, p = protocol.batch_size, protocol
 
     def train_batches(epoch: int):
@@ -211,7 +246,7 @@ def run_legacy(legacy: torch.nn.Module, data_dir: str | Path, kind: str, protoco
     return c
 
 
-def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir: Path) -> Curves:
+def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir: Path, version: str = "v0") -> Curves:
     """``Trainer.fit`` with ``legacy_selection=True``, then test / predict on the best checkpoint."""
     import time
 
@@ -228,6 +263,10 @@ def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir:
     if p.loss != port.hparams.get("loss", "CrossEntropyLoss"):
         raise ValueError(f"protocol loss {p.loss!r} but the port module was built with {port.hparams.get('loss')!r}")
     port.hparams.lr, port.hparams.scheduler_maxlr = p.lr, p.scheduler_maxlr
+    # Trainer.fit (Lightning >= 2.2) trains the module in whatever mode it is handed: a port left in eval mode (as
+    # tsa-verify builds it for scoring) would train without dropout. The legacy loop calls model.train() at every
+    # epoch (legacy_fit does too), so the port starts in train mode, as a freshly built module is.
+    port.train()
 
     class Record(pl.Callback):
         """Validation loss per epoch and the evaluation seeds of the protocol."""
@@ -265,7 +304,8 @@ def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir:
 
     gates: dict[tuple, np.ndarray] = {}
     reseed, record = ReseedPerStep(p.step_seed_base), Record()
-    dm = TSADataModule(str(data_dir), kind=kind, batch_size=p.batch_size, seed=p.data_seed, num_workers=0)
+    dm = TSADataModule(str(data_dir), kind=kind, version=version, batch_size=p.batch_size, seed=p.data_seed,
+                       num_workers=0)
     dm.configure_from_model(dict(port.hparams))
     trainer = build_trainer(accelerator="cpu", devices=1, precision="32", max_epochs=p.max_epochs, patience=p.patience,
                             legacy_selection=True, default_root_dir=str(out_dir), logger_name="port",
@@ -301,8 +341,9 @@ def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir:
 
 def run_convergence(legacy: torch.nn.Module, port, data_dir: str | Path, kind: str = "single",
                     protocol: Protocol | None = None, out_dir: str | Path | None = None, label: str = "",
-                    reference_threads: int | None = -1) -> ConvergenceResult:
-    """Run both sides on ``data_dir`` (legacy numpy layout, flat folder) and compare them.
+                    reference_threads: int | None = -1, version: str = "v0") -> ConvergenceResult:
+    """Run both sides on ``data_dir`` (legacy numpy layout: flat or SageMaker channel folders, files tagged
+    ``version``) and compare them.
 
     ``legacy`` and ``port`` must hold the same weights (e.g. ``legacy_to_port`` of the legacy state); both are
     trained in place. ``reference_threads``: also run the legacy loop from the same weights with this many torch
@@ -315,21 +356,19 @@ def run_convergence(legacy: torch.nn.Module, port, data_dir: str | Path, kind: s
     protocol = protocol or Protocol()
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="tsa-convergence-") as tmp:
-            return run_convergence(legacy, port, data_dir, kind, protocol, tmp, label, reference_threads)
+            return run_convergence(legacy, port, data_dir, kind, protocol, tmp, label, reference_threads, version)
     out = Path(out_dir)
-    from reference.training import load_split
-
-    n_train = len(load_split(data_dir, "train", kind=kind)["y"])
-    n_vali = len(load_split(data_dir, "vali", kind=kind)["y"])
+    n_train = len(legacy_split(data_dir, "train", kind, version)["y"])
+    n_vali = len(legacy_split(data_dir, "vali", kind, version)["y"])
     twin = copy.deepcopy(legacy) if reference_threads is not None else None
-    lc = run_legacy(legacy, data_dir, kind, protocol, out / "legacy")
-    pc = run_port(port, data_dir, kind, protocol, out / "port")
+    lc = run_legacy(legacy, data_dir, kind, protocol, out / "legacy", version)
+    pc = run_port(port, data_dir, kind, protocol, out / "port", version)
     ref = None
     if twin is not None:
         threads = torch.get_num_threads()
         torch.set_num_threads(threads + 1 if reference_threads == -1 else reference_threads)
         try:
-            ref = run_legacy(twin, data_dir, kind, protocol, out / "legacy_reference")
+            ref = run_legacy(twin, data_dir, kind, protocol, out / "legacy_reference", version)
         finally:
             torch.set_num_threads(threads)
     res = ConvergenceResult(lc, pc, protocol, math.ceil(n_train / protocol.batch_size), n_vali, label, reference=ref)

@@ -165,16 +165,7 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
     doc = {"meta": meta, "summary": summary, "checks": [r.to_json() for r in records],
            "findings": [asdict(f) for f in findings]}
     if convergence_runs:
-        doc["convergence_runs"] = [
-            {"label": r.label, "epochs": [r.legacy.epochs, r.port.epochs],
-             "best_epoch": [r.legacy.best_epoch, r.port.best_epoch],
-             "stop_epoch": [r.legacy.stop_epoch, r.port.stop_epoch],
-             "auc": {"legacy": r.legacy.auc, "port": r.port.auc},
-             "train_loss": {"legacy": r.legacy.train_loss, "port": r.port.train_loss},
-             "vali_loss": {"legacy": r.legacy.vali_loss, "port": r.port.vali_loss},
-             "max_port_score_diff": r.port_spread, "max_legacy_reference_score_diff": r.legacy_spread,
-             "reproducibility_horizon": r.horizon, "notes": r.notes.strip()}
-            for r in convergence_runs]
+        doc["convergence_runs"] = [r.summary() for r in convergence_runs]
     jpath = out_dir / "report.json"
     jpath.write_text(json.dumps(doc, indent=2, default=str))
 

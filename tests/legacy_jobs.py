@@ -48,6 +48,7 @@ class JobSpec:
     layers_feature: int = 1
     vali_rows: int = 150
     cali_rows: int = 120
+    train_rows: int = 64
     batch_size: int = 32
     world: int | None = None  # None: a single-process job (file order); N: torchrun with N GPUs
     epoch: int = 3  # the DistributedSampler epoch of the final evaluation
@@ -140,7 +141,7 @@ def _sequence(rng, n, spec, card=False):
 def write_data(root: Path, spec: JobSpec) -> dict[str, int]:
     """SageMaker channels ``root/{split}/{split}_..._v0.npy`` for train (small), vali and cali."""
     rng = np.random.default_rng(spec.data_seed)
-    rows = {"train": 64, "vali": spec.vali_rows, "cali": spec.cali_rows}
+    rows = {"train": spec.train_rows, "vali": spec.vali_rows, "cali": spec.cali_rows}
     for split, n in rows.items():
         d = root / split
         d.mkdir(parents=True, exist_ok=True)
@@ -196,13 +197,15 @@ class Job:
     scores: dict  # split -> (scores, labels) as written
 
 
-def build_job(root: Path, spec: JobSpec, *, rng_seed: int | None = None, tamper=None) -> Job:
+def build_job(root: Path, spec: JobSpec, *, rng_seed: int | None = None, tamper=None, data: Path | None = None) -> Job:
     """A whole legacy job under ``root``: ``data/`` (channels), ``model/`` (model_dir) and
     ``model.tar.gz``, ``hyperparameters.json`` beside the tarball. ``tamper(split, scores) -> scores``
-    plants a fault in the score files before they are written."""
+    plants a fault in the score files before they are written. ``data``: an existing channel-layout
+    folder with the spec's feature counts (e.g. ``tsa-synth --layout channels``) instead of ``data/``."""
     root.mkdir(parents=True, exist_ok=True)
-    data = root / "data"
-    write_data(data, spec)
+    if data is None:
+        data = root / "data"
+        write_data(data, spec)
     model = legacy_model(spec, data)
     model_dir = root / "model"
     model_dir.mkdir(exist_ok=True)

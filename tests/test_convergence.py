@@ -41,7 +41,7 @@ def data(tmp_path_factory):
 
 
 def legacy_batches(data, split, batch_size=32):
-    ds = R.LegacyDataset(R.load_split(data, split))
+    ds = R.LegacyDataset(R.load_split(data, split, layout="flat"))  # tsa-synth writes the flat layout
     return list(torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False))
 
 

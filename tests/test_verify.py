@@ -347,3 +347,103 @@ def test_moe_rounding_boundary_recheck(moe_dual_job, tmp_path, capsys, monkeypat
     assert r["splits"]["vali"]["rows_beyond_tolerance"] == len(plan.batches)  # row 3 of every batch
     assert {w["row"] for w in r["splits"]["vali"]["worst_rows"][:len(plan.batches)]} == {
         int(b.rows[3]) for b in plan.batches}
+
+
+# ---- --train-epochs: the legacy train.py loop and Trainer.fit from the job's weights ---------------------------
+TRAIN_JOB = JobSpec(train_rows=256)  # single, no MoE, channel folders; the job's batch 32, lr 5e-5, patience 3
+
+
+@pytest.fixture(scope="module")
+def train_job(tmp_path_factory):
+    return build_job(tmp_path_factory.mktemp("train_job"), TRAIN_JOB)
+
+
+def test_train_epochs_genuine_job_passes_with_curves(train_job, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, train_job.tarball, "--data-dir", train_job.data, "--train-epochs", 6,
+                                "--out", out)
+    assert code == 0, stdout + err
+    assert "training:" in stdout and "5 of 5 comparisons within tolerance (pass)" in stdout
+    r = json.loads((out / "report.json").read_text())
+    t = r["training"]
+    assert r["verdict"] == "pass" and t["passed"] and t["failed"] == []
+    assert t["rows"] == {"train": 256, "vali": TRAIN_JOB.vali_rows, "cali": TRAIN_JOB.cali_rows}
+    p = t["protocol"]  # the job's hyperparameters (tests/legacy_jobs.py writes them), max_epochs = N
+    assert (p["batch_size"], p["lr"], p["scheduler_maxlr"], p["patience"], p["max_epochs"]) == (32, 5e-5, 5e-4, 3, 6)
+    assert t["hyperparameters"]["max_epoch"]["value"] == 70 and "not the job's max_epoch 70" in t["training_notes"][0]
+    assert set(t["comparisons"]) == {"convergence.train_loss", "convergence.vali_loss", "convergence.auc",
+                                     "convergence.selection", "convergence.score_files"}
+    for c in t["comparisons"].values():
+        assert c["passed"] and c["values_compared"] > 0 and {"rtol", "atol", "reason"} <= set(c["tolerance"])
+    n = t["epochs"][0]
+    assert 1 <= n <= 6 and t["epochs"] == [n, n]
+    for key in ("train_loss", "vali_loss", "auc_raw", "auc"):
+        assert len(t[key]["legacy"]) == len(t[key]["port"]) == n
+    assert t["best_epoch"][0] == t["best_epoch"][1] and t["stop_epoch"][0] == t["stop_epoch"][1]
+    assert t["legacy_reference_run"] is False and t["max_legacy_reference_score_diff"] is None
+    md = (out / "report.md").read_text()
+    assert "## Training: up to 6 epoch(s) from the job's weights: pass" in md
+    assert "![legacy loop vs Trainer.fit, per epoch](training_curves.png)" in md
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _flat_copy(job, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for split in ("train", "vali", "cali"):
+        for f in (job.data / split).iterdir():
+            shutil.copy(f, flat / f.name)  # the same files in a flat folder
+    return flat
+
+
+def test_train_epochs_flat_rows_and_a_sabotaged_port_fails(train_job, tmp_path, capsys, monkeypatch):
+    """--rows limits the training rows too (flat layout here); Adam's beta2 0.99 on the port side only (the legacy
+    trains with 0.999) fails the verdict, naming the training comparison."""
+    from lightning_port.module import TemporalSelfAttentionClassification as Module
+
+    flat = _flat_copy(train_job, tmp_path)
+    args = (train_job.tarball, "--data-dir", flat, "--train-epochs", 2, "--rows", 100, "--no-plots")
+    code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "ok")
+    assert code == 0, stdout + err
+    t = json.loads((tmp_path / "ok" / "report.json").read_text())["training"]
+    assert t["rows"] == {"train": 100, "vali": 100, "cali": 100} and "first 100 rows of" in t["data"]
+    assert t["passed"] and t["plot"] is None
+
+    configure = Module.configure_optimizers
+
+    def beta2_099(self):
+        self.hparams.beta2 = 0.99
+        return configure(self)
+
+    monkeypatch.setattr(Module, "configure_optimizers", beta2_099)
+    code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "bad")
+    assert code == 1, stdout + err
+    r = json.loads((tmp_path / "bad" / "report.json").read_text())
+    assert r["verdict"] == "fail" and "convergence.train_loss" in r["training"]["failed"]
+    assert all(s["passed"] for s in r["splits"].values())  # the scoring proof still passes: only training fails
+    assert any(x.startswith("training: convergence.train_loss beyond tolerance") for x in r["reasons"])
+    assert "FAIL: training: convergence.train_loss" in stdout
+    assert "## Training: up to 2 epoch(s) from the job's weights: FAIL" in (tmp_path / "bad" / "report.md").read_text()
+
+
+def test_train_epochs_moe_runs_the_legacy_reference(tmp_path, capsys):
+    """MoE with 2 experts: the legacy loop runs again with another thread count and the report says so."""
+    spec = JobSpec(use_moe=1, num_experts=2, train_rows=96, vali_rows=64, cali_rows=64)
+    job = build_job(tmp_path / "job", spec)
+    code, stdout, err = run_cli(capsys, job.tarball, "--data-dir", job.data, "--train-epochs", 2, "--split", "cali",
+                                "--moe-seeds", 2, "--no-plots", "--out", tmp_path / "o")
+    assert code == 0, stdout + err
+    t = json.loads((tmp_path / "o" / "report.json").read_text())["training"]
+    assert t["legacy_reference_run"] and t["seconds"]["legacy_reference"] is not None
+    assert t["max_legacy_reference_score_diff"] is not None
+    assert any("value-dependent routing" in n for n in t["training_notes"])
+
+
+def test_train_epochs_refusals(train_job, tmp_path, capsys):
+    tar, data = train_job.tarball, train_job.data
+    assert "--train-epochs must be >= 0, got -1" in _refused(capsys, tar, "--data-dir", data, "--train-epochs", -1,
+                                                             "--out", tmp_path)
+    no_train = tmp_path / "no_train"
+    shutil.copytree(data, no_train, ignore=shutil.ignore_patterns("train*"))
+    err = _refused(capsys, tar, "--data-dir", no_train, "--train-epochs", 1, "--out", tmp_path)
+    assert "needs the job's train split" in err and "looked for" in err
