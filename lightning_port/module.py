@@ -221,6 +221,11 @@ class _TSAModule(L.LightningModule):
     def _log_extra(self, stage: str, batch_size: int) -> None:
         pass
 
+    def on_train_epoch_start(self) -> None:
+        # The legacy loop calls model.train() at the top of every epoch. Lightning (>= 2.2) trains the module in
+        # the mode it was handed: one put in eval mode before fit (to score it, say) would train without dropout.
+        self.train()
+
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 

@@ -263,9 +263,9 @@ def run_port(port, data_dir: str | Path, kind: str, protocol: Protocol, out_dir:
     if p.loss != port.hparams.get("loss", "CrossEntropyLoss"):
         raise ValueError(f"protocol loss {p.loss!r} but the port module was built with {port.hparams.get('loss')!r}")
     port.hparams.lr, port.hparams.scheduler_maxlr = p.lr, p.scheduler_maxlr
-    # Trainer.fit (Lightning >= 2.2) trains the module in whatever mode it is handed: a port left in eval mode (as
-    # tsa-verify builds it for scoring) would train without dropout. The legacy loop calls model.train() at every
-    # epoch (legacy_fit does too), so the port starts in train mode, as a freshly built module is.
+    # Trainer.fit (Lightning >= 2.2) trains a module in the mode it is handed; the port's on_train_epoch_start calls
+    # train() as the legacy loop does every epoch (tests/test_port_module.py), and the port starts in train mode here
+    # as well, so the comparison does not rest on that hook alone.
     port.train()
 
     class Record(pl.Callback):

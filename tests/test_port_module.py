@@ -106,6 +106,26 @@ def test_fit_logs_metrics_and_checkpoint_reloads_with_override(case, loss, tmp_p
         assert torch.equal(a, b), k
 
 
+def test_fit_trains_in_train_mode_even_from_an_eval_module():
+    """The legacy loop calls model.train() every epoch; Lightning 2.6 keeps the mode the module is handed."""
+    m = module_for(SINGLE).eval()
+    modes = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append(all(x.training for x in module.modules()))
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            modes.append(any(x.training for x in module.modules()))
+
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()],
+                        num_sanity_val_steps=0)
+    trainer.fit(m, loader(SINGLE), loader(SINGLE))
+    n_train = len(loader(SINGLE))
+    assert modes == ([True] * n_train + [False] * n_train) * 2
+
+
 def test_from_config_ignores_unknown_keys_and_reads_aliases():
     cfg = {"modelname": "OrderFeature", "model": dict(SINGLE.kwargs), "training": {"max_epoch": 7, "max_lr": 5e-4},
            "unknown": 1}
