@@ -90,10 +90,16 @@ def test_eval_is_the_exact_path_coins_included(fixture):
 
 @pytest.mark.parametrize("overrides", [dict(use_moe=False, num_experts=1), dict(num_experts=1)],
                          ids=["feedforward", "one-expert"])
-def test_without_dropout_training_gradients_equal_the_legacy(overrides):
+def test_without_dropout_training_gradients_equal_the_legacy(overrides, monkeypatch):
     """Dropout 0 and no coin that matters: the legacy training step is deterministic, and the fast path
-    (here on F.scaled_dot_product_attention, which it uses in training when no dropout is drawn) gives
-    the same loss and every gradient."""
+    (here on F.scaled_dot_product_attention, its training attention on accelerators, switched on for CPU)
+    gives the same loss and every gradient."""
+    from lightning_port.nn import attention
+
+    monkeypatch.setattr(attention.MultiheadAttention, "fused_train_on_cpu", True)
+    calls = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     config = S.ModelConfig(dict(TINY, dropout=0.0, **overrides), "det")
     pair = make_pair(case("single:tiny"), config, init_seed=5, legacy_rng=False)
     batch = S.make_batch(config, "single", [7, 0, 3, 1, 5, 2], seed=4, time_scale=S.MAX_TIME)  # time factor matters
@@ -113,6 +119,7 @@ def test_without_dropout_training_gradients_equal_the_legacy(overrides):
     for k, g in grads["legacy"][1].items():
         if g is not None:
             torch.testing.assert_close(as_legacy[k], g, **GRAD_TOL, msg=lambda m, k=k: f"{k}: {m}")
+    assert calls  # the fused training path ran
 
 
 def test_fast_training_draws_other_masks_from_a_cheaper_source():

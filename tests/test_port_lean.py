@@ -60,7 +60,8 @@ def _run(model, kind, batch, train: bool):
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_lean_leaves_the_generator_where_the_legacy_leaves_it(name, train):
+def test_lean_leaves_the_generator_where_the_legacy_leaves_it(name, train, monkeypatch):
+    monkeypatch.setattr(stacks, "EXACT_TRAINING_IN_LEGACY_ORDER", False)  # lean in the exact path's training too
     pair, kind, batch = _pair(name)
     states, outs = {}, {}
     for side, model in (("legacy", pair.legacy), ("port", pair.port)):
@@ -83,6 +84,7 @@ def test_lean_equals_the_full_computation_outputs_gradients_and_draws(name, monk
     net = pair.port.network
     results = {}
     for lean in (False, True):
+        monkeypatch.setattr(stacks, "EXACT_TRAINING_IN_LEGACY_ORDER", False)
         monkeypatch.setattr(stacks, "LEAN_LAST_LAYER", lean)
         net.zero_grad(set_to_none=True)
         torch.manual_seed(21)
@@ -99,8 +101,9 @@ def test_lean_equals_the_full_computation_outputs_gradients_and_draws(name, monk
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_lean_under_activation_checkpointing_replays_the_same_step(activation_checkpointing):
+def test_lean_under_activation_checkpointing_replays_the_same_step(activation_checkpointing, monkeypatch):
     """The lean last layer inside torch.utils.checkpoint: the replay draws the same full-shape masks."""
+    monkeypatch.setattr(stacks, "EXACT_TRAINING_IN_LEGACY_ORDER", False)
     pair, kind, batch = _pair("moe1", activation_checkpointing=activation_checkpointing)
     torch.manual_seed(4)
     got = _run(pair.port, kind, batch, train=True)
@@ -109,6 +112,25 @@ def test_lean_under_activation_checkpointing_replays_the_same_step(activation_ch
     want = _run(pair.legacy, kind, batch, train=True)
     assert torch.equal(state, torch.random.get_rng_state())
     torch.testing.assert_close(got[0], want[0], **OUTPUT_TOL)
+
+
+def test_exact_training_runs_the_legacy_order_eval_and_fast_path_the_lean_feature_first_one():
+    """The default: lean and feature first in eval (every path) and in the fast path's training; the exact path
+    trains the full last layer and the rows-first aggregation (the legacy's rounding; stacks.rows_first)."""
+    from lightning_port.nn.draws import set_legacy_rng
+
+    pair, kind, batch = _pair("moe1")
+    net = pair.port.network
+    stack_layers = [m.layers for m in net.modules()
+                    if isinstance(m, (stacks.OrderAttentionModule, stacks.FeatureAttentionModule))]
+    assert stack_layers
+    for training, legacy_rng, lean in ((False, True, True), (True, True, False), (True, False, True),
+                                       (False, False, True)):
+        net.train(training)
+        set_legacy_rng(net, legacy_rng)
+        for layers in stack_layers:
+            assert stacks.lean_last_layer(layers) is lean, (training, legacy_rng)
+            assert stacks.rows_first(layers) is not lean, (training, legacy_rng)  # the exact path's training only
 
 
 def test_return_seq_gets_the_full_computation():

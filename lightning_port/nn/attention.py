@@ -132,13 +132,19 @@ class MultiheadAttention(RandomDraws, nn.Module):
             return bool(time.abs().max() < self._FUSE_MAX_SCALED_TIME * TIME_SCALE)
         return True
 
+    # CPU training on SDPA (fast path, dropout 0 only): off by default -- it rounds differently from the explicit
+    # path, and the fast path's gradients are compared with the exact path's in one operation order (parity
+    # fast_path.grads_vs_exact); tests switch it on to exercise the accelerators' training kernel path on CPU.
+    fused_train_on_cpu = False
+
     def _fast_train_fused(self, attn_mask: Tensor | None) -> bool:
         """Fast path (``legacy_rng=False``) in training: ``F.scaled_dot_product_attention`` with the
-        dropout inside its fused kernels on an accelerator, and on CPU when there is no dropout (CPU's
-        fused kernels have none: with dropout SDPA falls back to its math path and ``bernoulli_``, so the
-        explicit path with :func:`~lightning_port.nn.draws.fast_dropout` is faster there)."""
-        return (self.training and not self.legacy_rng and attn_mask is None and not torch.jit.is_tracing()
-                and (self.in_proj_weight.device.type != "cpu" or self.dropout == 0))
+        dropout inside its fused kernels on an accelerator (CPU's fused kernels have no dropout: with dropout
+        SDPA falls back to its math path and ``bernoulli_``, so the explicit path with
+        :func:`~lightning_port.nn.draws.fast_dropout` is faster there; see ``fused_train_on_cpu``)."""
+        if not (self.training and not self.legacy_rng and attn_mask is None and not torch.jit.is_tracing()):
+            return False
+        return self.in_proj_weight.device.type != "cpu" or (self.fused_train_on_cpu and self.dropout == 0)
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, time: Tensor | None,
                key_padding_mask: Tensor | None, dropout_p: float = 0.0, centred: bool = False) -> Tensor:

@@ -97,25 +97,39 @@ class FeatureAggregation(nn.Module):
             h = torch.addmm(params[i + 1][:, None], params[i], _leaky(h))
         return h
 
-    def aggregate_codes_recomputed(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0) -> Tensor:
+    def aggregate_codes_recomputed(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0,
+                                   feature_first: bool = True) -> Tensor:
         """:meth:`aggregate_codes` with nothing stored for backward but its inputs (training
         memory); the chain is recomputed in backward in slices of D. Same forward value."""
+        if not feature_first:
+            *lead, _ = codes.shape
+            D = table.shape[1]
+            n_slices = max(1, -(-(D * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
+            pad = _pad_row(padding_idx, table)
+            fn = lambda idx, tbl, *params, d_slice=None: _codes_chain_rows(idx, tbl, params, pad, d_slice)  # noqa: E731
+            out = _SlicedRecompute.apply(fn, 0, min(n_slices, D), codes.reshape(-1), table, *self._params())
+            return out.t().reshape(*lead, D)
         n_slices = max(1, -(-(table.shape[1] * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
         pad = _pad_row(padding_idx, table)
         fn = lambda idx, tbl, *params, d_slice=None: _codes_chain(idx, tbl, params, pad, d_slice)  # noqa: E731
         return _SlicedRecompute.apply(fn, -1, min(n_slices, table.shape[1]), codes, table, *self._params())
 
-    def project_embeddings_recomputed(self, rows: Tensor, values: Tensor) -> Tensor:
+    def project_embeddings_recomputed(self, rows: Tensor, values: Tensor, feature_first: bool = True) -> Tensor:
         """Numerical :meth:`project_embeddings` with nothing stored for backward but its inputs;
         recomputed in backward in slices of D. Same forward value."""
         n, D = rows.shape
         n_slices = max(1, -(-(values.numel() // n * D * self.layers[0].out_features * values.element_size())
                             // RECOMPUTE_CHUNK_BYTES))
-        fn = lambda r, v, *params, d_slice=None: _numerical_chain(r, v, params, d_slice)  # noqa: E731
+        chain = _numerical_chain if feature_first else _numerical_chain_rows
+        fn = lambda r, v, *params, d_slice=None: chain(r, v, params, d_slice)  # noqa: E731
         return _SlicedRecompute.apply(fn, -1, min(n_slices, D), rows, values, *self._params())
 
-    def aggregate_codes(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0) -> Tensor:
+    def aggregate_codes(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0,
+                        feature_first: bool = True) -> Tensor:
         """Categorical features: ``codes`` (B, L, n) int codes into ``table`` (N, D) -> (B, L, D).
+
+        ``feature_first=False``: the legacy's order, rows first -- each Linear on ``(D·B·L, k)`` rows as the
+        legacy's ``nn.Linear`` on ``(B, L, D, k)`` (the exact path's training: see :func:`rows_first`).
 
         Feature-first: the rows are gathered as ``(n, B·L·D)`` (a plain row lookup of the codes in
         feature-major order), so every Linear of the chain is one matmul with its weight on the left,
@@ -123,15 +137,19 @@ class FeatureAggregation(nn.Module):
         transposed gather. Row ``padding_idx`` is read but gets no gradient (``F.embedding`` semantics).
         """
         pad = _pad_row(padding_idx, table)
+        if not feature_first:
+            *lead, _ = codes.shape
+            out = _codes_chain_rows(codes.reshape(-1), table, self._params(), pad)  # (D, B·L)
+            return out.t().reshape(*lead, table.shape[1])
         return _codes_chain(codes, table, self._params(), pad)
 
-    def project_embeddings(self, rows: Tensor, values: Tensor) -> Tensor:
+    def project_embeddings(self, rows: Tensor, values: Tensor, feature_first: bool = True) -> Tensor:
         """Numerical features without materialising the permuted (B, L, D, n) copy: the first Linear is
         fused with the rows, ``M[g, j, d] = W[g, j] · row_j[d]``, so its output is one batched matmul
         ``values (B·L, n) @ M[g] (n, D)`` per output unit g, feature-first (g, B·L·D) like
         :meth:`aggregate_codes`. ``rows`` (n, D) the numerical rows of the table, ``values`` (B, L, n)
         -> (B, L, D)."""
-        return _numerical_chain(rows, values, self._params())
+        return (_numerical_chain if feature_first else _numerical_chain_rows)(rows, values, self._params())
 
 
 def _pad_row(padding_idx: int | None, table: Tensor) -> int | None:
@@ -168,6 +186,34 @@ def _numerical_chain(rows: Tensor, values: Tensor, params, d_slice=None) -> Tens
     v = values.reshape(1, R, n)
     h = torch.baddbmm(b0[:, None, None], v.expand(k, R, n), fused)  # (k, B·L, d)
     return FeatureAggregation._finish_feature_first(h.view(k, R * D), params).view(*values.shape[:-1], D)
+
+
+def _codes_chain_rows(idx: Tensor, table: Tensor, params, pad: int | None, d_slice=None) -> Tensor:
+    """Rows-first categorical chain (the legacy's order: every Linear on ``(rows, k)`` as ``nn.Linear``) on flat
+    codes ``idx`` (B·L·n,); returns (D, B·L), or rows ``a:b`` of it for ``d_slice``."""
+    w0, b0 = params[0], params[1]
+    n = w0.shape[1]
+    if pad is not None and table.requires_grad and torch.is_grad_enabled():
+        table = torch.cat([table[:pad], table[pad: pad + 1].detach(), table[pad + 1:]])
+    if d_slice is not None:
+        table = table[:, d_slice[0]: d_slice[1]]
+    gathered = table.t().contiguous().index_select(1, idx)  # (d, B·L·n)
+    d = gathered.shape[0]
+    h = torch.addmm(b0, gathered.view(-1, n), w0.t())  # (d·B·L, n//2)
+    del gathered
+    return FeatureAggregation._finish(h, params).view(d, -1)  # (d, B·L)
+
+
+def _numerical_chain_rows(rows: Tensor, values: Tensor, params, d_slice=None) -> Tensor:
+    """Rows-first numerical chain; ``rows`` (n, D), ``values`` (B, L, n) -> (B, L, D), or its slice ``a:b``
+    along D."""
+    w0, b0 = params[0], params[1]
+    if d_slice is not None:
+        rows = rows[:, d_slice[0]: d_slice[1]]
+    n, D = rows.shape
+    fused = (rows[:, :, None] * w0.t()[:, None, :]).reshape(n, -1)  # (n, d·n//2)
+    h = (values.reshape(-1, n) @ fused).view(*values.shape[:-1], D, w0.shape[0]) + b0
+    return FeatureAggregation._finish(h, params)[..., 0]
 
 
 class FeedForward(RandomDraws, nn.Module):

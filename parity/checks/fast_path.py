@@ -9,7 +9,9 @@ function with random draws from another source.
 - ``fast_path.grads_vs_exact``: with MoE (2+ experts) the legacy model has no deterministic training policy;
   on the drawn configuration with MoE switched on, dropout 0 and the test hook
   ``MixtureOfExperts.training_policy = "threshold"`` on both sides, the fast path vs the exact port -- which the
-  ``gradient`` category proves equal to the legacy.
+  ``gradient`` category proves equal to the legacy -- both in the fast path's operation order (lean last layer,
+  feature-first aggregation; ``stacks.EXACT_TRAINING_IN_LEGACY_ORDER`` off: the exact path trains in the
+  legacy's order, the same function rounded like the legacy, see ``stacks.rows_first``).
 - ``fast_path.dropout_keep_rate`` / ``fast_path.coin_keep_rate``: the fast path's dropout masks (every
   dropout of a training forward, observed inside the network) and its MoE coin decisions, tested against the
   legacy rates: dropout ``1 - p`` by an exact two-sided binomial test; the second-expert keep count against
@@ -87,7 +89,8 @@ def check_fast_path(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
             "fast_path.grads_vs_legacy": case.tolerance("gradient.grads"),
             "fast_path.grads_vs_exact": case.tolerance("gradient.grads")}
     notes = {"fast_path.grads_vs_exact": "the drawn configuration with MoE on (2+ experts), dropout 0, "
-                                         "training_policy 'threshold' on both sides"}
+                                         "training_policy 'threshold' on both sides, both in the fast path's "
+                                         "operation order"}
     rec = {n: CheckRecord.new(n, "fast_path", case.model, tols[n], notes=notes.get(n, "")) for n in names}
 
     def grads(pair, batch, tseed, model):
@@ -123,9 +126,17 @@ def check_fast_path(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
         cfg0 = S.ModelConfig(moe_kw, config.config_id)
         fast = make_pair(case, cfg0, seed, mutate=ctx.mutate, legacy_rng=False).port
         exact = make_pair(case, cfg0, seed, mutate=ctx.mutate).port
-        with _training_policy(fast, "threshold"), _training_policy(exact, "threshold"):
-            out_f, g_f = run_train(fast, batch, case.kind, fseed, dict(fast.network.named_parameters()))
-            out_e, g_e = run_train(exact, batch, case.kind, fseed, dict(exact.network.named_parameters()))
+        from lightning_port.nn import stacks
+
+        # both paths in one operation order (lean last layer, feature-first aggregation): the exact path's own
+        # training order (the legacy's) rounds cancelling sums differently (stacks.rows_first)
+        stacks.EXACT_TRAINING_IN_LEGACY_ORDER = False
+        try:
+            with _training_policy(fast, "threshold"), _training_policy(exact, "threshold"):
+                out_f, g_f = run_train(fast, batch, case.kind, fseed, dict(fast.network.named_parameters()))
+                out_e, g_e = run_train(exact, batch, case.kind, fseed, dict(exact.network.named_parameters()))
+        finally:
+            stacks.EXACT_TRAINING_IN_LEGACY_ORDER = True
         comp = compare(out_f, out_e, tols["fast_path.grads_vs_exact"], context=context)
         comp.merge(compare({k: g for k, g in g_f.items() if g is not None},
                            {k: g for k, g in g_e.items() if g is not None}, tols["fast_path.grads_vs_exact"],
