@@ -43,11 +43,8 @@ def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
 
         return [not_covered("onnx", case.model, f"lightning_port.export not importable: {e}")]
     from .. import strategies as S
-    from ..cases import NAMED_CONFIGS
 
-    kw = dict(NAMED_CONFIGS["tiny-dual" if case.model == "dual:tiny" else case.config_id])
-    if case.kind == "dual":
-        kw.pop("use_mlp", None)
+    kw = _named_kwargs(case)
     config = S.ModelConfig(kw, case.config_id)
     try:
         pair = make_pair(case, config, 7, moe_eval_policy=ONNX_POLICY, mutate=ctx.mutate)
@@ -69,6 +66,16 @@ def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
     except Exception as e:
         rec.error("".join(traceback.format_exception(type(e), e, e.__traceback__))[-3000:])
     return [rec]
+
+
+def _named_kwargs(case: ParityCase) -> dict:
+    """The case's named configuration as constructor kwargs (the dual model takes no ``use_mlp``)."""
+    from ..cases import NAMED_CONFIGS
+
+    kw = dict(NAMED_CONFIGS["tiny-dual" if case.model == "dual:tiny" else case.config_id])
+    if case.kind == "dual":
+        kw.pop("use_mlp", None)
+    return kw
 
 
 def check_onnx_int8(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
@@ -94,11 +101,8 @@ def check_onnx_int8(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
 
         return [not_covered("onnx", case.model, f"lightning_port.export not importable: {e}")]
     from .. import strategies as S
-    from ..cases import NAMED_CONFIGS
 
-    kw = dict(NAMED_CONFIGS["tiny-dual" if case.model == "dual:tiny" else case.config_id])
-    if case.kind == "dual":
-        kw.pop("use_mlp", None)
+    kw = _named_kwargs(case)
     if kw.get("use_moe"):
         kw["use_moe"] = False
         rec.notes += "; " + INT8_MOE_NOTE
