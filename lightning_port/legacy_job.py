@@ -373,27 +373,26 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _read_column(path: Path, dtype, expected: str, expected_columns: str) -> np.ndarray:
+    """One value per line -> 1-d array; unreadable text or several columns is a one-line LegacyJobError."""
+    try:
+        values = np.loadtxt(path, dtype=dtype, ndmin=1, comments=None)
+    except (ValueError, OSError) as e:
+        raise LegacyJobError(f"{path}: {_first_line(e)}; expected {expected}") from None
+    if values.ndim != 1:
+        raise LegacyJobError(f"{path}: {values.shape[1]} columns; expected {expected_columns}")
+    return values
+
+
 def read_score_file(path: str | os.PathLike) -> np.ndarray:
     """A legacy ``*score_file.csv``: one ``str(np.float32(v))`` per line -> float32 array (NaN kept)."""
-    path = Path(path)
-    try:
-        values = np.loadtxt(path, dtype=np.float32, ndmin=1, comments=None)
-    except (ValueError, OSError) as e:
-        raise LegacyJobError(f"{path}: {_first_line(e)}; expected one score per line") from None
-    if values.ndim != 1:
-        raise LegacyJobError(f"{path}: {values.shape[1]} columns; expected one score per line")
-    return values
+    return _read_column(Path(path), np.float32, "one score per line", "one score per line")
 
 
 def read_tag_file(path: str | os.PathLike) -> np.ndarray:
     """A legacy ``*tag_file.csv``: one integer label per line -> int64 array."""
     path = Path(path)
-    try:
-        values = np.loadtxt(path, dtype=np.float64, ndmin=1, comments=None)
-    except (ValueError, OSError) as e:
-        raise LegacyJobError(f"{path}: {_first_line(e)}; expected one integer label per line") from None
-    if values.ndim != 1:
-        raise LegacyJobError(f"{path}: {values.shape[1]} columns; expected one label per line")
+    values = _read_column(path, np.float64, "one integer label per line", "one label per line")
     bad = ~np.isfinite(values) | (values != np.round(values))
     if bad.any():
         line = int(np.flatnonzero(bad)[0])

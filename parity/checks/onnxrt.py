@@ -30,8 +30,6 @@ def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
     import tempfile
     from pathlib import Path
 
-    from ..fixtures import DUAL_ARGS, DUAL_KWARGS, SINGLE_ARGS, SINGLE_KWARGS
-    from ..pairs import forward_inputs
 
     tol = case.tolerance("onnx.scores")
     rec = CheckRecord.new("onnx.scores", "onnx", case.model, tol,
@@ -51,13 +49,10 @@ def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
         with tempfile.TemporaryDirectory() as d:
             path, _ = X.export_onnx(pair.port, Path(d) / "m.onnx", moe_eval_policy=ONNX_POLICY)
             sess = X.ort_session(path)
-            names = (SINGLE_ARGS + SINGLE_KWARGS) if case.kind == "single" else (DUAL_ARGS + DUAL_KWARGS)
 
             def body(data):
                 b = data.draw(case.inputs(config), label="batch")
-                args, kwargs = forward_inputs(b, case.kind)
-                named = dict(zip(names, (*args, *kwargs.values())))
-                ort = X.run_onnx(sess, named)
+                ort = _run_ort(X, sess, b, case.kind)
                 eager = run_eval(pair.port, b, case.kind, 0)
                 return {"onnx.scores": compare({"scores": ort["scores"]}, {"scores": eager["scores"]}, tol,
                                                context={"config": config.kwargs, "batch": b.recipe})}
@@ -66,6 +61,16 @@ def check_onnx(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
     except Exception as e:
         rec.error("".join(traceback.format_exception(type(e), e, e.__traceback__))[-3000:])
     return [rec]
+
+
+def _run_ort(X, sess, batch, kind: str) -> dict:
+    """The ONNX Runtime session's outputs on a drawn batch (inputs named as the export names them)."""
+    from ..fixtures import DUAL_ARGS, DUAL_KWARGS, SINGLE_ARGS, SINGLE_KWARGS
+    from ..pairs import forward_inputs
+
+    names = (SINGLE_ARGS + SINGLE_KWARGS) if kind == "single" else (DUAL_ARGS + DUAL_KWARGS)
+    args, kwargs = forward_inputs(batch, kind)
+    return X.run_onnx(sess, dict(zip(names, (*args, *kwargs.values()))))
 
 
 def _named_kwargs(case: ParityCase) -> dict:
@@ -87,8 +92,6 @@ def check_onnx_int8(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
 
     import torch
 
-    from ..fixtures import DUAL_ARGS, DUAL_KWARGS, SINGLE_ARGS, SINGLE_KWARGS
-    from ..pairs import forward_inputs
 
     tol = case.tolerance("onnx.int8_probs")
     rec = CheckRecord.new("onnx.int8_probs", "onnx", case.model, tol,
@@ -117,13 +120,10 @@ def check_onnx_int8(case: ParityCase, ctx: RunContext) -> list[CheckRecord]:
                 raise AssertionError("the int8 export quantized no matmul: nothing to check")
             rec.notes += f"; {meta['int8_quantized_matmuls']} matmuls quantized"
             sess = X.ort_session(path, metadata=meta)
-            names = (SINGLE_ARGS + SINGLE_KWARGS) if case.kind == "single" else (DUAL_ARGS + DUAL_KWARGS)
 
             def body(data):
                 b = data.draw(case.inputs(config), label="batch")
-                args, kwargs = forward_inputs(b, case.kind)
-                named = dict(zip(names, (*args, *kwargs.values())))
-                ort = X.run_onnx(sess, named)
+                ort = _run_ort(X, sess, b, case.kind)
                 eager = torch.softmax(run_eval(pair.port, b, case.kind, 0)["scores"], dim=1)
                 return {"onnx.int8_probs": compare({"probs": ort["probs"]}, {"probs": eager}, tol,
                                                    context={"config": config.kwargs, "batch": b.recipe})}
