@@ -64,6 +64,33 @@ def lean_last_layer(layers: nn.ModuleList) -> bool:
     return not (EXACT_TRAINING_IN_LEGACY_ORDER and _exact_training(layers))
 
 
+# Empty positions -- every code 0 and every number 0, the legacy's left padding -- all aggregate to the same
+# vector: the chains run on the distinct positions only (the others and one empty position), and the result is
+# gathered back to every position. Each position's value is computed by the same per-row arithmetic (tested
+# bit-equal); the gather's backward sums the empty positions' gradients into the one computed (those are exact
+# zeros in both networks: padded keys are masked), so only the weight-gradient sums lose terms that are zero.
+# Eager mode only (tracing, scripting, compiling and export see the plain computation). Module-level so tests and
+# benchmarks can compare against the plain computation.
+DEDUPE_EMPTY_POSITIONS = True
+
+
+def _empty_positions(codes: Tensor, x_num: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(rows, inverse)`` over the flattened (B·L) positions: ``rows`` the non-empty positions and the first
+    empty one, ``inverse`` each position's row in that list; None when fewer than two positions are empty, or
+    when not in eager mode."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return None
+    empty = ((codes == 0).all(-1) & (x_num == 0).all(-1)).reshape(-1)  # (B·L,)
+    n_empty = int(empty.sum())
+    if n_empty < 2:
+        return None
+    kept = torch.logical_not(empty).nonzero()[:, 0]
+    first_empty = empty.nonzero()[:1, 0]
+    inverse = torch.full_like(empty, kept.numel(), dtype=torch.long)
+    inverse[kept] = torch.arange(kept.numel(), device=codes.device)
+    return torch.cat([kept, first_empty]), inverse
+
+
 def checkpointing_active(module: nn.Module) -> bool:
     """Whether activation recomputation may be used: training with autograd on, and not while
     tracing, scripting or compiling (export and ``torch.compile`` see the plain computation)."""
@@ -132,20 +159,20 @@ class OrderAttentionModule(nn.Module):
         ``time_seq`` (B, L, 1); ``key_padding_mask`` (B, L+1), True = ignore; ``row_mask`` (B,)
         bool: rows forming the MoE group (all rows when None)."""
         B, L, _ = x_cat.shape
-        active = checkpointing_active(self)
         codes = x_cat.long()
-        rows = numerical_rows(table, self.n_num)
-        ff = not rows_first(self.layers)
-        if active and RECOMPUTE_AGGREGATION:  # no random draws inside: recomputed in backward
-            cat = self.aggregate_cat.aggregate_codes_recomputed(codes, table, padding_idx=0, feature_first=ff)
-            num = self.aggregate_num.project_embeddings_recomputed(rows, x_num, feature_first=ff)
-        else:
-            cat = self.aggregate_cat.aggregate_codes(codes, table, padding_idx=0, feature_first=ff)  # (B, L, D)
-            num = self.aggregate_num.project_embeddings(rows, x_num, feature_first=ff)  # (B, L, D)
-        x = torch.cat([cat, num], dim=-1).transpose(0, 1)  # (L, B, E)
+        unique = _empty_positions(codes, x_num) if DEDUPE_EMPTY_POSITIONS else None
+        if unique is None:
+            x = self._aggregate(table, codes, x_num)  # (B, L, E)
+        else:  # the empty positions aggregated once (see DEDUPE_EMPTY_POSITIONS)
+            rows_idx, inverse = unique
+            x = self._aggregate(table, codes.reshape(B * L, codes.shape[-1])[rows_idx][None],
+                                x_num.reshape(B * L, x_num.shape[-1])[rows_idx][None])[0]  # (R', E)
+            x = x.index_select(0, inverse).view(B, L, -1)
+        x = x.transpose(0, 1)  # (L, B, E)
         x = self.input_norm(x)
         x = torch.cat([x, self.dummy_token.expand(1, B, -1)], dim=0)  # (L+1, B, E), dummy last
         x = self.token_norm(x)
+        active = checkpointing_active(self)
         time = None
         if self.use_time:
             time = F.pad(time_seq.reshape(B, L, 1), (0, 0, 0, 1)).transpose(0, 1)  # (L+1, B, 1)
@@ -156,6 +183,18 @@ class OrderAttentionModule(nn.Module):
         if return_seq:
             return x.transpose(0, 1)  # (B, L+1, E)
         return x[-1]  # (B, E)
+
+    def _aggregate(self, table: Tensor, codes: Tensor, x_num: Tensor) -> Tensor:
+        """Both feature aggregations of positions ``codes`` (..., n_cat), ``x_num`` (..., n_num) -> (..., E)."""
+        rows = numerical_rows(table, self.n_num)
+        ff = not rows_first(self.layers)
+        if checkpointing_active(self) and RECOMPUTE_AGGREGATION:  # no random draws inside: recomputed in backward
+            cat = self.aggregate_cat.aggregate_codes_recomputed(codes, table, padding_idx=0, feature_first=ff)
+            num = self.aggregate_num.project_embeddings_recomputed(rows, x_num, feature_first=ff)
+        else:
+            cat = self.aggregate_cat.aggregate_codes(codes, table, padding_idx=0, feature_first=ff)  # (..., D)
+            num = self.aggregate_num.project_embeddings(rows, x_num, feature_first=ff)  # (..., D)
+        return torch.cat([cat, num], dim=-1)
 
 
 class FeatureAttentionModule(nn.Module):
