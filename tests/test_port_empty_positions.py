@@ -1,8 +1,9 @@
 """Empty history positions (every code 0, every number 0: the legacy's left padding) are aggregated once
-(``stacks.DEDUPE_EMPTY_POSITIONS``): the same values, bit for bit, in training and eval, on both RNG paths and
-in both networks; gradients equal the plain computation's (exactly in float64, up to fp32 summation order in
-float32); the chains really run on fewer positions; positions that only look padded (masked, but with codes)
-are computed, and nothing is deduplicated under tracing."""
+(``stacks.DEDUPE_EMPTY_POSITIONS``) in eval and in the fast path's training: the same values, bit for bit, in
+both networks; gradients equal the plain computation's (exactly in float64, up to fp32 summation order in
+float32); the chains really run on fewer positions there and on every position in the exact path's training
+(the legacy's operation order); positions that only look padded (masked, but with codes) are computed, and
+nothing is deduplicated under tracing."""
 
 from __future__ import annotations
 
@@ -73,10 +74,12 @@ def _chain_rows(monkeypatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_the_chains_run_on_the_distinct_positions_only(mode, monkeypatch):
+@pytest.mark.parametrize(("mode", "legacy_rng", "deduplicated"),
+                         [("eval", True, True), ("eval", False, True), ("train", False, True), ("train", True, False)],
+                         ids=["eval-exact", "eval-fast", "train-fast", "train-exact (legacy order)"])
+def test_the_chains_run_on_the_distinct_positions_only(mode, legacy_rng, deduplicated, monkeypatch):
     kind, cfg = KINDS[0]
-    net = _network(kind, cfg)
+    net = _network(kind, cfg, legacy_rng=legacy_rng)
     args, y = _inputs(kind, cfg)
     x_cat, x_num = args[0], args[1]
     empty = ((x_cat == 0).all(-1) & (x_num == 0).all(-1)).sum().item()
@@ -84,7 +87,7 @@ def test_the_chains_run_on_the_distinct_positions_only(mode, monkeypatch):
     seen = _chain_rows(monkeypatch)
     _run(net, args, y, mode, True, monkeypatch)
     n_positions = x_cat.shape[0] * x_cat.shape[1]
-    assert seen == [n_positions - empty + 1]
+    assert seen == [n_positions - empty + 1 if deduplicated else n_positions]
     seen.clear()
     _run(net, args, y, mode, False, monkeypatch)
     assert seen == [n_positions]
@@ -94,7 +97,7 @@ def test_masked_positions_with_codes_are_computed_not_deduplicated(monkeypatch):
     """Deduplication is by value, not by the padding mask: a masked position holding codes is aggregated
     (it still takes MoE capacity in its position's group) and the values equal the plain computation's."""
     kind, cfg = KINDS[0]
-    net = _network(kind, cfg)
+    net = _network(kind, cfg, legacy_rng=False)
     (x_cat, x_num, x_eng, t, am, kpm), y = _inputs(kind, cfg)
     x_cat = x_cat.clone()
     x_cat[kpm[:, :-1]] = 3.0  # every masked position holds code 3: only positions with codes 0 and numbers 0 are empty
