@@ -122,7 +122,8 @@ def port_flops(models: dict, kind: str, shape: str, inputs: dict) -> int:
 
     key = (kind, shape, inputs["args"][0].shape[0])
     if key not in _FLOPS:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:  # (inference_mode breaks its hooks)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, common.plain_computation():
+            # (inference_mode breaks the counter's hooks)
             models["port"](*inputs["args"], **inputs["kwargs"])
         _FLOPS[key] = counter.get_total_flops()
     return _FLOPS[key]

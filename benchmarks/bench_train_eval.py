@@ -160,7 +160,10 @@ def test_step(benchmark, scenario: Scenario, models, dev, options):
         # the port's matmul FLOPs (its achieved FLOP/s against the run's measured matmul peak): counted on the
         # eager module, during the first warm-up train step (eval, and compiled variants: one extra eager pass)
         flops = None
-        in_step = variant is not None and not variant.compiled and s.mode == "train"
+        # (counted in the step only where it computes every position: the exact path's training; otherwise one
+        # extra eager pass of the plain computation, see common.plain_computation)
+        in_step = (variant is not None and not variant.compiled and s.mode == "train"
+                   and variant.options.get("legacy_rng", True))
         if variant is not None and not in_step:
             flops = runner.count_flops()
         peak, method, counted = _peak_inprocess(runner, count_flops=in_step)

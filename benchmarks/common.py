@@ -241,7 +241,7 @@ class Runner:
 
         fn, self.fn = self.fn, self.model
         try:
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False) as counter, plain_computation():
                 if self.mode == "train":
                     self.step()
                 else:
@@ -249,6 +249,21 @@ class Runner:
             return int(counter.get_total_flops())
         finally:
             self.fn = fn
+
+
+@contextlib.contextmanager
+def plain_computation():
+    """The port computing every position (no deduplication of empty history positions, see
+    ``lightning_port.nn.stacks.DEDUPE_EMPTY_POSITIONS``): the FLOP count of the function itself -- the useful
+    work every implementation is credited with in the FLOP/s figures, whatever it skips."""
+    from lightning_port.nn import stacks
+
+    saved = stacks.DEDUPE_EMPTY_POSITIONS
+    stacks.DEDUPE_EMPTY_POSITIONS = False
+    try:
+        yield
+    finally:
+        stacks.DEDUPE_EMPTY_POSITIONS = saved
 
 
 # --- the machine's matmul peak, measured in the run ---------------------------------------------------

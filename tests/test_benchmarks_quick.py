@@ -91,3 +91,21 @@ def test_summary_reads_flops_against_the_measured_peak_and_one_line_adds_a_varia
     assert "port_fast (speedup; FLOP/s)" in text
     # reference FLOP/s = the port's (useful) count / the reference's time: 300e9 / 10 s = 30 GFLOP/s (30%)
     assert "30.0 GFLOP/s (30.0%)" in text
+
+
+def test_flop_counts_credit_the_plain_computation():
+    """Eval (every path) and the fast path's training aggregate empty history positions once; the FLOP/s figures
+    credit every implementation with the plain computation's FLOPs (``common.plain_computation``), not with what
+    the port happens to skip."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = common.SHAPES["small"]
+    inputs = common.make_inputs("single", cfg, 32)
+    runner = common.Runner(common.build_pair("single", cfg, which="port")["port"], inputs, "eval")
+    credited = runner.count_flops()
+    with FlopCounterMode(display=False) as counter:
+        runner._forward()  # the deduplicated computation (the inputs hold left-padded histories)
+    assert counter.get_total_flops() < credited
+    with common.plain_computation(), FlopCounterMode(display=False) as counter:
+        runner._forward()
+    assert counter.get_total_flops() == credited
