@@ -28,13 +28,16 @@ class _SlicedRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, dim: int, n_slices: int, *inputs):
+        # ``fn`` may be a pair (fn, forward_fn): forward_fn(*inputs) computes the same output bit for bit another
+        # way (fewer rows, see FeatureAggregation.aggregate_codes_recomputed); the backward recomputes with fn
+        fn, forward_fn = fn if isinstance(fn, tuple) else (fn, None)
         ctx.fn, ctx.dim, ctx.n_slices = fn, dim, n_slices
         # the recomputation runs under the forward's autocast state (as torch.utils.checkpoint)
         device = inputs[-1].device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                         torch.is_autocast_cache_enabled())
         ctx.save_for_backward(*inputs)
-        return fn(*inputs)
+        return (forward_fn or fn)(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,15 +101,25 @@ class FeatureAggregation(nn.Module):
         return h
 
     def aggregate_codes_recomputed(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0,
-                                   feature_first: bool = True) -> Tensor:
+                                   feature_first: bool = True, forward_rows: tuple[Tensor, Tensor] | None = None
+                                   ) -> Tensor:
         """:meth:`aggregate_codes` with nothing stored for backward but its inputs (training
-        memory); the chain is recomputed in backward in slices of D. Same forward value."""
+        memory); the chain is recomputed in backward in slices of D. Same forward value.
+
+        ``forward_rows`` (rows first only): ``(rows, inverse)`` over the flattened positions -- the forward runs
+        the chain on positions ``rows`` and gathers position ``p``'s value from ``inverse[p]`` (bit-equal when the
+        positions left out repeat one that is kept); the backward recomputes every position, so the gradients are
+        the plain computation's bit for bit."""
         if not feature_first:
-            *lead, _ = codes.shape
+            *lead, n = codes.shape
             D = table.shape[1]
             n_slices = max(1, -(-(D * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
             pad = _pad_row(padding_idx, table)
             fn = lambda idx, tbl, *params, d_slice=None: _codes_chain_rows(idx, tbl, params, pad, d_slice)  # noqa: E731
+            if forward_rows is not None:
+                kept, inverse = forward_rows
+                idx_kept = codes.reshape(-1, n)[kept].reshape(-1)
+                fn = (fn, lambda idx, tbl, *params: _codes_chain_rows(idx_kept, tbl, params, pad).index_select(1, inverse))
             out = _SlicedRecompute.apply(fn, 0, min(n_slices, D), codes.reshape(-1), table, *self._params())
             return out.t().reshape(*lead, D)
         n_slices = max(1, -(-(table.shape[1] * codes.numel() * table.element_size()) // RECOMPUTE_CHUNK_BYTES))
@@ -114,14 +127,20 @@ class FeatureAggregation(nn.Module):
         fn = lambda idx, tbl, *params, d_slice=None: _codes_chain(idx, tbl, params, pad, d_slice)  # noqa: E731
         return _SlicedRecompute.apply(fn, -1, min(n_slices, table.shape[1]), codes, table, *self._params())
 
-    def project_embeddings_recomputed(self, rows: Tensor, values: Tensor, feature_first: bool = True) -> Tensor:
+    def project_embeddings_recomputed(self, rows: Tensor, values: Tensor, feature_first: bool = True,
+                                      forward_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Numerical :meth:`project_embeddings` with nothing stored for backward but its inputs;
-        recomputed in backward in slices of D. Same forward value."""
+        recomputed in backward in slices of D. Same forward value. ``forward_rows``: as in
+        :meth:`aggregate_codes_recomputed` (rows first only)."""
         n, D = rows.shape
         n_slices = max(1, -(-(values.numel() // n * D * self.layers[0].out_features * values.element_size())
                             // RECOMPUTE_CHUNK_BYTES))
         chain = _numerical_chain if feature_first else _numerical_chain_rows
         fn = lambda r, v, *params, d_slice=None: chain(r, v, params, d_slice)  # noqa: E731
+        if forward_rows is not None and not feature_first:
+            kept, inverse = forward_rows
+            v_kept = values.reshape(-1, n)[kept]
+            fn = (fn, lambda r, v, *params: chain(r, v_kept, params).index_select(0, inverse).view(*v.shape[:-1], D))
         return _SlicedRecompute.apply(fn, -1, min(n_slices, D), rows, values, *self._params())
 
     def aggregate_codes(self, codes: Tensor, table: Tensor, padding_idx: int | None = 0,
