@@ -153,3 +153,11 @@ def test_exact_training_skips_empty_positions_in_the_forward_only(monkeypatch):
     _run(net, args, y, "train", True, monkeypatch)
     assert calls[0] == n_positions - empty + 1  # the forward
     assert calls[1:] and all(c == n_positions for c in calls[1:])  # the recomputation in backward
+
+
+def test_only_on_cpu():
+    """Accelerators run the plain computation (the deduplication needs two host synchronisations, unmeasured there)."""
+    codes = torch.zeros(2, 3, 4, dtype=torch.long)
+    x_num = torch.zeros(2, 3, 5)
+    assert stacks._empty_positions(codes, x_num) is not None
+    assert stacks._empty_positions(codes.to("meta"), x_num.to("meta")) is None

@@ -69,17 +69,18 @@ def lean_last_layer(layers: nn.ModuleList) -> bool:
 # gathered back to every position. Each position's value is computed by the same per-row arithmetic (tested
 # bit-equal); the gather's backward sums the empty positions' gradients into the one computed (those are exact
 # zeros in both networks: padded keys are masked), so only the weight-gradient sums lose terms that are zero.
-# In eval and the fast path's training (see dedupe_empty_positions); eager mode only (tracing, scripting,
-# compiling and export see the plain computation). Module-level so tests and benchmarks can compare against the
-# plain computation.
+# In eval and the fast path's training (see dedupe_empty_positions); eager mode on CPU only (tracing, scripting,
+# compiling and export see the plain computation; on accelerators the two host synchronisations it needs are
+# unmeasured, no GPU here, so they run the plain computation). Module-level so tests and benchmarks can compare
+# against the plain computation.
 DEDUPE_EMPTY_POSITIONS = True
 
 
 def _empty_positions(codes: Tensor, x_num: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(rows, inverse)`` over the flattened (B·L) positions: ``rows`` the non-empty positions and the first
     empty one, ``inverse`` each position's row in that list; None when fewer than two positions are empty, or
-    when not in eager mode."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    when not in eager mode on CPU."""
+    if codes.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return None
     empty = ((codes == 0).all(-1) & (x_num == 0).all(-1)).reshape(-1)  # (B·L,)
     n_empty = int(empty.sum())
