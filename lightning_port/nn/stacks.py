@@ -170,26 +170,26 @@ class OrderAttentionModule(nn.Module):
         bool: rows forming the MoE group (all rows when None)."""
         B, L, _ = x_cat.shape
         codes = x_cat.long()
+        active = checkpointing_active(self)
+        recompute = active and RECOMPUTE_AGGREGATION  # no random draws inside: recomputed in backward
         dedupe = dedupe_empty_positions(self.layers)
         # the exact path's training: the recomputed chains' forward alone skips the empty positions (bit-equal
         # values; the backward recomputes every position, so the gradients are the plain computation's)
-        forward_only = (not dedupe and DEDUPE_EMPTY_POSITIONS and RECOMPUTE_AGGREGATION
-                        and checkpointing_active(self))
+        forward_only = not dedupe and DEDUPE_EMPTY_POSITIONS and recompute
         unique = _empty_positions(codes, x_num) if dedupe or forward_only else None
         if unique is None:
-            x = self._aggregate(table, codes, x_num)  # (B, L, E)
+            x = self._aggregate(table, codes, x_num, recompute)  # (B, L, E)
         elif forward_only:
-            x = self._aggregate(table, codes, x_num, forward_rows=unique)
+            x = self._aggregate(table, codes, x_num, recompute, forward_rows=unique)
         else:  # the empty positions aggregated once (see DEDUPE_EMPTY_POSITIONS)
             rows_idx, inverse = unique
             x = self._aggregate(table, codes.reshape(B * L, codes.shape[-1])[rows_idx][None],
-                                x_num.reshape(B * L, x_num.shape[-1])[rows_idx][None])[0]  # (R', E)
+                                x_num.reshape(B * L, x_num.shape[-1])[rows_idx][None], recompute)[0]  # (R', E)
             x = x.index_select(0, inverse).view(B, L, -1)
         x = x.transpose(0, 1)  # (L, B, E)
         x = self.input_norm(x)
         x = torch.cat([x, self.dummy_token.expand(1, B, -1)], dim=0)  # (L+1, B, E), dummy last
         x = self.token_norm(x)
-        active = checkpointing_active(self)
         time = None
         if self.use_time:
             time = F.pad(time_seq.reshape(B, L, 1), (0, 0, 0, 1)).transpose(0, 1)  # (L+1, B, 1)
@@ -201,13 +201,13 @@ class OrderAttentionModule(nn.Module):
             return x.transpose(0, 1)  # (B, L+1, E)
         return x[-1]  # (B, E)
 
-    def _aggregate(self, table: Tensor, codes: Tensor, x_num: Tensor,
+    def _aggregate(self, table: Tensor, codes: Tensor, x_num: Tensor, recompute: bool,
                    forward_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Both feature aggregations of positions ``codes`` (..., n_cat), ``x_num`` (..., n_num) -> (..., E);
-        ``forward_rows``: see ``FeatureAggregation.aggregate_codes_recomputed``."""
+        """Both feature aggregations of positions ``codes`` (..., n_cat), ``x_num`` (..., n_num) -> (..., E),
+        recomputed in backward or stored; ``forward_rows``: see ``FeatureAggregation.aggregate_codes_recomputed``."""
         rows = numerical_rows(table, self.n_num)
         ff = not rows_first(self.layers)
-        if checkpointing_active(self) and RECOMPUTE_AGGREGATION:  # no random draws inside: recomputed in backward
+        if recompute:
             cat = self.aggregate_cat.aggregate_codes_recomputed(codes, table, padding_idx=0, feature_first=ff,
                                                                 forward_rows=forward_rows)
             num = self.aggregate_num.project_embeddings_recomputed(rows, x_num, feature_first=ff,
