@@ -48,7 +48,7 @@ def test_empty_positions_aggregated_once_give_the_same_values_and_gradients(kind
     for key in ("scores", "ensemble", "rng"):
         torch.testing.assert_close(deduped[key], plain[key], **EXACT, msg=lambda m, key=key: f"{key}: {m}")
     assert plain["grads"].keys() == deduped["grads"].keys()
-    # the exact path's training deduplicates the forward only (its backward recomputes every position): bit-equal
+    # the exact path's training aggregates every position, forward and backward: bit-equal
     tol = EXACT if (mode == "train" and legacy_rng) else SUMMATION_ORDER
     for name, g in plain["grads"].items():
         torch.testing.assert_close(deduped["grads"][name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
@@ -133,15 +133,17 @@ def test_no_deduplication_under_tracing(monkeypatch):
     del traced
 
 
-def test_exact_training_skips_empty_positions_in_the_forward_only(monkeypatch):
-    """The exact path's training: the recomputed rows-first chains run their forward on the distinct positions and
-    recompute every position in backward (so its gradients are the plain computation's bit for bit, above)."""
+def test_exact_training_aggregates_every_position(monkeypatch):
+    """The exact path's training runs the recomputed rows-first chains on every position, in the forward and in
+    the backward's recomputation: the legacy's operation order. (A forward over the distinct positions only was
+    bit-equal on one machine and not on another: MKL's AVX-512 path rounds a matmul over fewer rows differently.)"""
     kind, cfg = KINDS[2]  # single, wide: every aggregation layer has a width
     net = _network(kind, cfg)
     args, y = _inputs(kind, cfg)
     x_cat, x_num = args[0], args[1]
     n_positions = x_cat.shape[0] * x_cat.shape[1]
     empty = ((x_cat == 0).all(-1) & (x_num == 0).all(-1)).sum().item()
+    assert empty >= 2  # the inputs have empty positions to skip, so the test can fail
     calls: list[int] = []
     original = blocks._codes_chain_rows
 
@@ -151,13 +153,5 @@ def test_exact_training_skips_empty_positions_in_the_forward_only(monkeypatch):
 
     monkeypatch.setattr(blocks, "_codes_chain_rows", recording)
     _run(net, args, y, "train", True, monkeypatch)
-    assert calls[0] == n_positions - empty + 1  # the forward
-    assert calls[1:] and all(c == n_positions for c in calls[1:])  # the recomputation in backward
-
-
-def test_only_on_cpu():
-    """Accelerators run the plain computation (the deduplication needs two host synchronisations, unmeasured there)."""
-    codes = torch.zeros(2, 3, 4, dtype=torch.long)
-    x_num = torch.zeros(2, 3, 5)
-    assert stacks._empty_positions(codes, x_num) is not None
-    assert stacks._empty_positions(codes.to("meta"), x_num.to("meta")) is None
+    assert len(calls) >= 2  # the forward and the recomputation in backward
+    assert all(c == n_positions for c in calls)

@@ -95,9 +95,12 @@ def _empty_positions(codes: Tensor, x_num: Tensor) -> tuple[Tensor, Tensor] | No
 
 def dedupe_empty_positions(layers: nn.ModuleList) -> bool:
     """Whether the empty positions are aggregated once (see DEDUPE_EMPTY_POSITIONS): in eval (the values are
-    bit-equal) and in the fast path's training. Not in the exact path's training: it keeps the legacy's operation
-    order (see :func:`rows_first`), and weight-gradient sums without their zero terms associate differently --
-    rounding that Adam amplifies past the step tolerance of parity ``convergence single`` within ~60 steps."""
+    bit-equal) and in the fast path's training. Not in the exact path's training, forward included: it keeps the
+    legacy's operation order (see :func:`rows_first`), and weight-gradient sums without their zero terms associate
+    differently -- rounding that Adam amplifies past the step tolerance of parity ``convergence single`` within ~60
+    steps; and the rows-first chains' matmuls over fewer rows are not bit-equal on every BLAS (MKL on this AMD
+    EPYC's AVX-512 path rounds (R, k) @ (k, m) differently for other R: up to 1.5e-7 on the scores of
+    tests/test_port_memory.py's wide configs), so not even the forward may skip them there."""
     return DEDUPE_EMPTY_POSITIONS and not (EXACT_TRAINING_IN_LEGACY_ORDER and _exact_training(layers))
 
 
@@ -172,15 +175,10 @@ class OrderAttentionModule(nn.Module):
         codes = x_cat.long()
         active = checkpointing_active(self)
         recompute = active and RECOMPUTE_AGGREGATION  # no random draws inside: recomputed in backward
-        dedupe = dedupe_empty_positions(self.layers)
-        # the exact path's training: the recomputed chains' forward alone skips the empty positions (bit-equal
-        # values; the backward recomputes every position, so the gradients are the plain computation's)
-        forward_only = not dedupe and DEDUPE_EMPTY_POSITIONS and recompute
-        unique = _empty_positions(codes, x_num) if dedupe or forward_only else None
+        # the exact path's training aggregates every position, forward and backward (see dedupe_empty_positions)
+        unique = _empty_positions(codes, x_num) if dedupe_empty_positions(self.layers) else None
         if unique is None:
             x = self._aggregate(table, codes, x_num, recompute)  # (B, L, E)
-        elif forward_only:
-            x = self._aggregate(table, codes, x_num, recompute, forward_rows=unique)
         else:  # the empty positions aggregated once (see DEDUPE_EMPTY_POSITIONS)
             rows_idx, inverse = unique
             x = self._aggregate(table, codes.reshape(B * L, codes.shape[-1])[rows_idx][None],
