@@ -28,9 +28,9 @@ kept only as a fallback. Either way :func:`verify` runs the file in ONNX Runtime
 port at batch sizes the export did not see, including a batch of identical rows that makes the
 expert capacity bind.
 
-Optimised for ONNX Runtime (:mod:`lightning_port.onnx_optimize`): the saved file is the graph after
+Optimised for ONNX Runtime (:mod:`lightning_port.serving.optimize`): the saved file is the graph after
 exact rewrites and ONNX Runtime's own optimisations at ``optimize`` (default ``extended``), so serving
-sessions load it with optimisations off (:func:`ort_session`); metadata ``ort_optimization``,
+sessions load it with optimisations off (:func:`lightning_port.serving.runtime.ort_session`); metadata ``ort_optimization``,
 ``onnxruntime_version``, ``graph_rewrites``. ``quantize="int8"`` (opt-in) quantizes the wide weight
 matmuls to int8 (dynamic quantization), measures the deviation of the int8 score from the fp32 port's
 on :data:`DEVIATION_ROWS` probe rows and stores it (``int8_max_abs_dev``, ``int8_p999_abs_dev``,
@@ -44,7 +44,6 @@ import contextlib
 import copy
 import json
 import logging
-import pickle
 import sys
 import tempfile
 import warnings
@@ -57,8 +56,55 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import DETERMINISTIC_POLICIES, MOE_EVAL_POLICIES
-from .onnx_optimize import DEFAULT_LEVEL, INT8_MIN_WIDTH, OPT_LEVELS, optimize_file
+from ..config import DETERMINISTIC_POLICIES, MOE_EVAL_POLICIES
+from ..tolerances import ONNX_FP32, ONNX_INT8, abs_diff, close
+from .optimize import DEFAULT_LEVEL, INT8_MIN_WIDTH, OPT_LEVELS, optimize_file
+from .runtime import (
+    OUTPUT_NAMES,
+    ExportError,
+    eager_outputs,
+    input_names,
+    load_checkpoint,
+    module_kind,
+    ort_session,
+    read_metadata,
+    run_onnx,
+)
+
+__all__ = [
+    "Comparison",
+    "DEFAULT_ATOL",
+    "DEFAULT_OPSET",
+    "DEFAULT_POLICY",
+    "DEFAULT_RTOL",
+    "DEVIATION_BATCH",
+    "DEVIATION_ROWS",
+    "Deviation",
+    "EXPORTERS",
+    "EXPORT_BATCH",
+    "ExportWrapper",
+    "INT8_ATOL",
+    "INT8_RTOL",
+    "PROBE_TIME_MAX",
+    "PROG",
+    "QUANTIZATIONS",
+    "REPLICATED_BATCH",
+    "VERIFY_BATCHES",
+    "VerifyReport",
+    "build_parser",
+    "compare",
+    "export_onnx",
+    "export_wrapper",
+    "int8_deviation",
+    "main",
+    "optimize_export",
+    "probe_inputs",
+    "resolve_policy",
+    "take_rows",
+    "tolerance_for",
+    "verify",
+    "with_overrides",
+]
 
 PROG = "tsa-export-onnx"
 # "expected" weights the second expert by its gate times the legacy keep-probability min(1, g2/0.2):
@@ -71,43 +117,14 @@ EXPORTERS = ("dynamo", "torchscript")
 EXPORT_BATCH = 4  # example batch traced at export; verification uses other sizes
 VERIFY_BATCHES = (1, 3, 7)
 REPLICATED_BATCH = 24  # identical rows: every row picks the same experts, so capacity binds
-# fp32 tolerances (torch.testing's fp32 atol; rtol a little looser than its 1.3e-6 because ORT
-# fuses and reorders reductions)
-DEFAULT_ATOL = 1e-5
-DEFAULT_RTOL = 1e-4
-# int8: |Δ probs| <= 2e-2, the accuracy an int8 model must keep to be usable for scoring (issue 13's target
-# for the score). It is not fitted to the measurements: the worst deviation measured on the shipped
-# configurations is 5-30x smaller (docs/onnx.md), and a quantization error of this size (a wrong scale, an
-# int16 saturation on a CPU without VNNI) moves scores by far more. Only ``probs`` is held to it: the logits
-# of saturated rows can move more without changing the score (|Δp| <= |Δ logit gap| / 4).
-INT8_ATOL = 2e-2
-INT8_RTOL = 0.0
+# the verification's tolerances, from the port's table (lightning_port.tolerances, reasons there): fp32 files
+# against the eager port, and int8 files' ``probs`` against the fp32 eager port
+DEFAULT_ATOL, DEFAULT_RTOL = ONNX_FP32.atol, ONNX_FP32.rtol
+INT8_ATOL, INT8_RTOL = ONNX_INT8.atol, ONNX_INT8.rtol
 QUANTIZATIONS = ("int8",)
 DEVIATION_ROWS = 10_000  # probe rows for the int8 deviation: p99.9 is then the 10th largest difference
 DEVIATION_BATCH = 500
-OUTPUT_NAMES = ("scores", "probs")
-SINGLE_INPUTS = ("x_cat", "x_num", "x_engineered", "time_seq", "key_padding_mask")
-DUAL_INPUTS = ("x_seq_cat_cid", "x_seq_num_cid", "time_seq_cid", "x_seq_cat_ccid", "x_seq_num_ccid",
-               "time_seq_ccid", "x_engineered", "key_padding_mask_cid", "key_padding_mask_ccid")
 PROBE_TIME_MAX = 1.0e6  # probe time gaps (the legacy attention overflows above ~8.8e7)
-
-
-class ExportError(Exception):
-    """A user error (missing file, bad policy, not a port checkpoint): one line, no traceback."""
-
-
-# --- modules --------------------------------------------------------------------------------------
-def module_kind(module: nn.Module) -> str:
-    kind = getattr(module, "kind", "")
-    if kind not in ("single", "dual"):
-        raise ExportError(f"{type(module).__name__} is not a TSA port module (kind {kind!r}).")
-    return kind
-
-
-def input_names(kind: str, n_engineered: int) -> tuple[str, ...]:
-    """ONNX input names for ``kind``; ``x_engineered`` only when there are engineered features."""
-    names = SINGLE_INPUTS if kind == "single" else DUAL_INPUTS
-    return tuple(n for n in names if n != "x_engineered" or n_engineered > 0)
 
 
 def resolve_policy(requested: str | None, current: str) -> str:
@@ -370,61 +387,6 @@ def _set_metadata(model: Any, values: Mapping[str, str]) -> None:
     model.producer_version = _port_version()
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """``metadata_props`` of an exported file (without loading the weights into a session)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
-
-
-# --- ONNX Runtime -----------------------------------------------------------------------------------
-def ort_session(path: str | Path, threads: int = 1, metadata: Mapping[str, str] | None = None) -> Any:
-    """An ONNX Runtime CPU session (``threads`` intra-op threads, sequential execution).
-
-    A file that ``tsa-export-onnx`` already optimised (metadata ``ort_optimization`` other than ``none``)
-    is loaded with ONNX Runtime's optimisations off: they ran at export, and running them again would only
-    cost start-up time. Any other file gets ONNX Runtime's default (all optimisations, at load)."""
-    import onnxruntime as ort
-
-    meta = read_metadata(path) if metadata is None else metadata
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if meta.get("ort_optimization", "none") in ("basic", "extended", "all"):
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(session: Any, inputs: Mapping[str, Tensor | np.ndarray]) -> dict[str, np.ndarray]:
-    """Run ``session`` on the inputs it declares (others are ignored) -> {output name: array}."""
-    feed = {}
-    for i in session.get_inputs():
-        if i.name not in inputs or inputs[i.name] is None:
-            raise ExportError(f"input {i.name!r} is missing (the model expects "
-                              f"{', '.join(x.name for x in session.get_inputs())}).")
-        v = inputs[i.name]
-        feed[i.name] = v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
-    outs = session.run(None, feed)
-    return {o.name: v for o, v in zip(session.get_outputs(), outs)}
-
-
-def eager_outputs(module: nn.Module, inputs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
-    """The eager LightningModule's ``scores`` and ``probs`` on named inputs (legacy forward order)."""
-    kind = module_kind(module)
-    names = SINGLE_INPUTS if kind == "single" else DUAL_INPUTS
-    x = {n: inputs.get(n) for n in names}
-    with torch.no_grad():
-        if kind == "single":
-            scores, _ = module(x["x_cat"], x["x_num"], x["x_engineered"], x["time_seq"],
-                               None, x["key_padding_mask"])
-        else:
-            scores, _ = module(*(x[n] for n in DUAL_INPUTS[:7]), None, x["key_padding_mask_cid"],
-                               x["key_padding_mask_ccid"])
-    return {"scores": scores.numpy(), "probs": torch.softmax(scores, dim=1).numpy()}
-
-
 # --- verification ------------------------------------------------------------------------------------
 @dataclass
 class Comparison:
@@ -453,7 +415,8 @@ class Comparison:
 def compare(onnx_out: Mapping[str, np.ndarray], eager_out: Mapping[str, np.ndarray], label: str,
             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
             outputs: Sequence[str] = OUTPUT_NAMES) -> Comparison:
-    """Elementwise ``|onnx - eager| <= atol + rtol·|eager|`` over ``outputs``; NaN anywhere fails."""
+    """Elementwise ``|onnx - eager| <= atol + rtol·|eager|`` over ``outputs`` (the rule of
+    :mod:`lightning_port.tolerances`: NaN on both sides agrees, NaN or inf on one side fails)."""
     worst_abs, worst_rel, where, bad, total, batch = -1.0, 0.0, "-", 0, 0, 0
     for name in outputs:
         a = np.asarray(onnx_out[name], dtype=np.float64)
@@ -461,11 +424,9 @@ def compare(onnx_out: Mapping[str, np.ndarray], eager_out: Mapping[str, np.ndarr
         if a.shape != b.shape:
             raise AssertionError(f"{label}: {name} has shape {a.shape} in ONNX Runtime, {b.shape} eager")
         batch = a.shape[0]
-        nan = np.isnan(a) != np.isnan(b)
-        diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
-        diff = np.where(nan, np.inf, diff)
+        diff = abs_diff(a, b)
         rel = diff / np.maximum(np.abs(b), 1e-30)
-        bad += int((diff > atol + rtol * np.abs(b)).sum())
+        bad += int((~close(a, b, rtol, atol)).sum())
         total += a.size
         if a.size and diff.max() > worst_abs:
             i = np.unravel_index(int(np.argmax(diff)), diff.shape)
@@ -492,8 +453,8 @@ class VerifyReport:
 
 
 def tolerance_for(metadata: Mapping[str, str]) -> tuple[float, float, tuple[str, ...]]:
-    """``(atol, rtol, outputs compared)`` for a file: fp32 rounding for fp32 graphs, :data:`INT8_ATOL` on
-    ``probs`` for int8 ones."""
+    """``(atol, rtol, outputs compared)`` for a file: :data:`lightning_port.tolerances.ONNX_FP32` for fp32
+    graphs, :data:`lightning_port.tolerances.ONNX_INT8` on ``probs`` for int8 ones."""
     if metadata.get("quantization", "none") == "int8":
         return INT8_ATOL, INT8_RTOL, ("probs",)
     return DEFAULT_ATOL, DEFAULT_RTOL, OUTPUT_NAMES
@@ -577,34 +538,7 @@ def int8_deviation(onnx_path: str | Path, module: nn.Module, *, policy: str | No
     return Deviation(int(d.size), float(d.max()), float(np.quantile(d, 0.999)), float(d.mean()))
 
 
-# --- checkpoints and CLI ----------------------------------------------------------------------------
-def load_checkpoint(path: str | Path, **overrides: Any) -> nn.Module:
-    """The port LightningModule saved in ``path`` (single or dual, read from the checkpoint)."""
-    from .module import DualSequenceTSA, TemporalSelfAttentionClassification
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ExportError(f"cannot read checkpoint {path}: it holds pickled objects that a weights-only "
-                          "load refuses (possibly code); not loading it.") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot read checkpoint {path}: {first}.") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ExportError(f"{path} is not a Lightning checkpoint of the TSA port (no state_dict / "
-                          "hyper_parameters); convert legacy files with tsa-convert first.")
-    dual = any(k.startswith("network.order_cid.") for k in ckpt["state_dict"])
-    cls = DualSequenceTSA if dual else TemporalSelfAttentionClassification
-    try:
-        module = cls.load_from_checkpoint(str(path), map_location="cpu", **overrides)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise ExportError(f"cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
-    return module.eval()
-
-
+# --- CLI ---------------------------------------------------------------------------------------------
 def _batch_list(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())

@@ -1,8 +1,8 @@
 """Offline optimisation of an exported TSA graph for ONNX Runtime, and opt-in dynamic int8 quantization.
 
-``tsa-export-onnx`` (:func:`lightning_port.export.export_onnx`) runs these steps on the graph torch
+``tsa-export-onnx`` (:func:`lightning_port.serving.export.export_onnx`) runs these steps on the graph torch
 exported, in this order, and saves the result, so that serving sessions start without optimising
-anything (:func:`lightning_port.export.ort_session` loads such a file with ORT's optimisations off):
+anything (:func:`lightning_port.serving.runtime.ort_session` loads such a file with ORT's optimisations off):
 
 1. exact graph rewrites ONNX Runtime does not do itself (see each function): a gather of a transposed
    table becomes a row gather followed by a transpose, an N-d ``MatMul`` + bias ``Add`` becomes a 2-d
@@ -35,6 +35,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "DISABLED_OPTIMIZERS",
+    "ELEMENTWISE_UNARY",
+    "INT8_MIN_WIDTH",
+    "OPT_LEVELS",
+    "fold_reshapes_around_unary",
+    "gemm_to_matmul",
+    "int8_candidates",
+    "optimize_file",
+    "ort_optimize",
+    "quantize_int8",
+    "rewrite_gather_of_transpose",
+    "rewrite_matmul_bias_to_gemm",
+]
 
 OPT_LEVELS = ("none", "basic", "extended", "all")
 DEFAULT_LEVEL = "extended"
