@@ -113,7 +113,7 @@ def find_any_order(y: np.ndarray, tags: np.ndarray, epochs: range) -> tuple[int 
 
 
 def order_for_split(opts: Options, split: str, y: np.ndarray, tags: np.ndarray | None, tag_name: str,
-                     max_epoch: int, notes: list[str]) -> tuple[int | None, int | None, str]:
+                    max_epoch: int, notes: list[str]) -> tuple[int | None, int | None, str]:
     """(world, epoch, how the epoch was found) for one split."""
     if opts.world_size is None:
         return None, None, ""

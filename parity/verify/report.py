@@ -192,7 +192,7 @@ def training_markdown(t: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- plots
 def plots(out: Path, split: str, labels: np.ndarray, ref: np.ndarray, port: np.ndarray,
-           legacy_file: np.ndarray | None) -> list[str]:
+          legacy_file: np.ndarray | None) -> list[str]:
     from lightning_port.scoring import _figure, save_figure
 
     written = []
