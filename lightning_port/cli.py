@@ -33,6 +33,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_port.data import DataError, TSADataModule
+from lightning_port.module import DualSequenceTSA
 from lightning_port.scoring import ScoreWriter, run_dir
 from lightning_port.selection import legacy_selection_problem
 from lightning_port.trainer import MONITOR, build_trainer
@@ -116,14 +117,11 @@ def _class_from_path(path: str) -> type | None:
 
 
 def _is_dual(class_path: str) -> bool:
+    """The model class is the dual-sequence one: a subclass of :class:`DualSequenceTSA`, or (a class the CLI
+    cannot import) one whose name says ``dual``."""
     cls = _class_from_path(class_path)
-    try:
-        from lightning_port import DualSequenceTSA  # the other engineer's module; may be absent
-
-        if cls is not None and issubclass(cls, DualSequenceTSA):
-            return True
-    except ImportError:
-        pass
+    if isinstance(cls, type) and issubclass(cls, DualSequenceTSA):
+        return True
     return "dual" in class_path.rsplit(".", 1)[-1].lower()
 
 

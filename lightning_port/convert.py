@@ -8,7 +8,7 @@
 SOURCE is a legacy file, a model folder or SageMaker's ``model.tar.gz`` (read by
 :func:`lightning_port.legacy_job.open_job`: hostile tar members refused, nothing written outside a
 private temporary folder); ``H.json`` is SageMaker's ``hyperparameters.json`` (string values, absent
-keys = ``train.py``'s defaults; :func:`lightning_port.legacy_job.read_hyperparameters`), found inside
+keys = ``train.py``'s defaults; :func:`lightning_port.legacy_hparams.read_hyperparameters`), found inside
 or beside SOURCE when ``--hparams`` is not given, and checked against the dimensions the state_dict
 fixes.
 
@@ -16,7 +16,7 @@ The core is pure functions on in-memory objects (:func:`legacy_to_lightning`,
 :func:`lightning_to_legacy`, :func:`remap_optimizer_state`, ...); the weight names come from the
 ONE mapping table in :mod:`lightning_port.weight_map` (no second mapping here). The CLI is a thin
 wrapper: every user-facing failure is a :class:`ConvertError` printed as one line on stderr with
-exit code 2 (``--verify`` beyond tolerance: exit code 1); files are written to a temporary file in
+exit code 2 (``--verify`` beyond :data:`lightning_port.tolerances.LEGACY_VS_PORT`: exit code 1); files are written to a temporary file in
 the output folder and renamed, so a failure never leaves a partial output.
 
 Safety: files are read with ``torch.load(weights_only=True)``. A file that needs more (pickled
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import pickle
 import re
@@ -43,10 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .legacy_hparams import MODELNAMES as LEGACY_MODELNAMES
+from .legacy_hparams import LegacyJobError
+from .tolerances import LEGACY_VS_PORT, abs_diff, close
+
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_ERROR = 0, 1, 2
-MODELNAMES = {"OrderFeature": "single", "TwoSeqMoEOrderFeature": "dual", "single": "single", "dual": "dual"}
+MODELNAMES = {**LEGACY_MODELNAMES, "single": "single", "dual": "dual"}  # legacy names, and the port's kinds
 META_KEY = "tsa_convert"  # extra top-level key of the Lightning checkpoint (ignored by Lightning)
-VERIFY_ATOL, VERIFY_RTOL = 1e-5, 1e-4
+VERIFY_ATOL, VERIFY_RTOL = LEGACY_VS_PORT.atol, LEGACY_VS_PORT.rtol  # --verify's tolerance (reason: the table)
 
 
 class ConvertError(Exception):
@@ -102,16 +105,6 @@ def _first_line(e: BaseException, limit: int | None = 300) -> str:
     text = str(e).strip().splitlines()
     line = text[0] if text else type(e).__name__
     return line if limit is None or len(line) <= limit else line[:limit] + "..."
-
-
-def read_hparams(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw JSON object of a hyperparameter file (typed reading: :func:`legacy_job.read_hyperparameters`)."""
-    from .legacy_job import LegacyJobError, _load_json_object
-
-    try:
-        return _load_json_object(Path(path))
-    except LegacyJobError as e:
-        raise ConvertError(str(e)) from None
 
 
 def split_legacy(obj: Any, source: str = "SOURCE") -> tuple[dict[str, Tensor], dict[str, Any] | None, str]:
@@ -471,8 +464,8 @@ def _generated_inputs(config, kind: str, batch: int, seed: int) -> tuple[tuple, 
 
 def verify(legacy_sd: Mapping[str, Tensor], ckpt: Mapping[str, Any], hparams: Mapping[str, Any],
            batch: int = 16, seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[float, bool]:
-    """(worst |legacy - port|, all within atol/rtol) over scores and ensembles, eval mode, the
-    same seed before each forward.
+    """(worst |legacy - port|, all within :data:`lightning_port.tolerances.LEGACY_VS_PORT`) over scores and
+    ensembles, eval mode, the same seed before each forward (NaN on both sides agrees, on one side fails).
     Imports ``reference/`` (the legacy model) only here."""
     import inspect
 
@@ -503,10 +496,8 @@ def verify(legacy_sd: Mapping[str, Tensor], ckpt: Mapping[str, Any], hparams: Ma
                 torch.manual_seed(s)
                 out = module(*args, **kw)
             for r, o in zip(ref, out):
-                same_nan = torch.equal(torch.isnan(r), torch.isnan(o))
-                d = (r - o).abs().nan_to_num(0.0).max().item() if same_nan else math.inf
-                worst = max(worst, d)
-                ok = ok and same_nan and torch.allclose(r, o, atol=VERIFY_ATOL, rtol=VERIFY_RTOL, equal_nan=True)
+                worst = max(worst, float(abs_diff(o.numpy(), r.numpy()).max(initial=0.0)))
+                ok = ok and bool(close(o.numpy(), r.numpy(), LEGACY_VS_PORT.rtol, LEGACY_VS_PORT.atol).all())
     return worst, ok
 
 
@@ -564,7 +555,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}: legacy {ckpt.get(META_KEY, {}).get('kind', '')} state_dict, "
               f"{len(legacy)} keys")
         return EXIT_OK
-    from .legacy_job import check_state_dict, open_job, read_hyperparameters
+    from .legacy_hparams import check_state_dict, read_hyperparameters
+    from .legacy_job import open_job
 
     with open_job(args.source, args.hparams, args.test_name) as job:
         if job.hparams is None:
@@ -604,8 +596,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .legacy_job import LegacyJobError
-
     args = _parser().parse_args(argv)
     try:
         return run(args)

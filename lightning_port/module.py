@@ -28,6 +28,7 @@ import torchmetrics
 from torch import Tensor
 
 from .config import TSAConfig
+from .legacy_hparams import coerce_hyperparameters
 from .losses import CyclicalFocalLoss, build_loss
 from .nn import DualSequenceNetwork, SingleSequenceNetwork
 from .nn.networks import GATE_KEEP_THRESHOLD
@@ -119,14 +120,12 @@ class _TSAModule(L.LightningModule):
     def from_config(cls, config: dict[str, Any]) -> _TSAModule:
         """Build from a config dict (flat, or with nested sections such as ``model`` /
         ``training``): the seed design's typed dicts, or legacy hyperparameters as SageMaker stores
-        them. Values of ``train.py``'s keys are read by :func:`lightning_port.legacy_job.coerce_hyperparameters`
+        them. Values of ``train.py``'s keys are read by :func:`lightning_port.legacy_hparams.coerce_hyperparameters`
         (the one reader of legacy hyperparameters: strings parsed with ``train.py``'s types, SageMaker's
         double quoting undone, a bad value refused naming its key); legacy aliases (``max_epoch``,
         ``max_lr``, ...) are accepted and keys this module does not know are ignored. Keys the dict
         lacks keep this constructor's defaults; for a SageMaker job, whose absent keys mean ``train.py``'s
-        defaults, build from ``legacy_job.read_hyperparameters(path).module_kwargs()``."""
-        from .legacy_job import coerce_hyperparameters
-
+        defaults, build from ``legacy_hparams.read_hyperparameters(path).module_kwargs()``."""
         flat: dict[str, Any] = {}
         for key, value in config.items():
             if isinstance(value, dict):

@@ -1,13 +1,9 @@
-"""Legacy-compatible score outputs, evaluation plots, and the ``ScoreWriter`` callback.
+"""Evaluation plots and the ``ScoreWriter`` callback, which writes the legacy score files.
 
-Byte formats (legacy ``utilities.py``, legacy-tsa.md §12), relied on by the calibration and
-deployment steps:
-
-- ``score_file.csv`` / ``cali_score_file.csv``: ``softmax(scores)[:, -1]``, one value per line, no
-  header, each line ``str(np.float32(v)) + "\\n"``;
-- ``tag_file.csv`` / ``cali_tag_file.csv``: labels, each line ``str(int(v)) + "\\n"``;
-- ``percentile_score.pkl``: ``pickle.dump([[np.percentile(cali, 100 * k / 1000), k / 1000] for k in
-  range(1000)], f)`` with ``cali`` the calibration scores as a float32 array, default protocol.
+The byte formats of ``score_file.csv``, ``tag_file.csv`` and ``percentile_score.pkl`` and their readers
+and writers are :mod:`lightning_port.legacy_files` (re-exported here: ``write_score_file``,
+``write_tag_file``, ``percentile_table``, ``write_percentile_table``, ``read_score_file``,
+``PERCENTILE_ROWS``).
 
 ``ScoreWriter`` collects ``probs`` (and ``y``) from ``test_step`` outputs (the validation set →
 ``score_file.csv``, ``tag_file.csv``, ``roc_pr_curves.png``, ``score_distribution.png``, and the
@@ -19,9 +15,6 @@ ROC/PR figure in TensorBoard) and from ``predict_step`` outputs (the calibration
 
 from __future__ import annotations
 
-import os
-import pickle
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +23,15 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .legacy_files import (
+    PERCENTILE_ROWS,
+    percentile_table,
+    read_score_file,
+    write_percentile_table,
+    write_score_file,
+    write_tag_file,
+)
 
 __all__ = [
     "PERCENTILE_ROWS",
@@ -46,8 +48,6 @@ __all__ = [
     "write_tag_file",
 ]
 
-PERCENTILE_ROWS = 1000
-
 
 def positive_scores(probs: Any) -> np.ndarray:
     """``softmax[:, -1]`` as float32 (the legacy score: probability of the last class)."""
@@ -55,39 +55,6 @@ def positive_scores(probs: Any) -> np.ndarray:
     if p.ndim == 2:
         p = p[:, -1]
     return np.asarray(p, dtype=np.float32).reshape(-1)
-
-
-def write_score_file(path: str | Path, scores: Iterable[Any]) -> Path:
-    """One ``str(np.float32(v))`` per line, no header."""
-    path = Path(path)
-    with open(path, "w") as f:
-        for v in scores:
-            f.write(str(np.float32(v)) + "\n")
-    return path
-
-
-def write_tag_file(path: str | Path, labels: Iterable[Any]) -> Path:
-    """One ``str(int(v))`` per line, no header."""
-    path = Path(path)
-    with open(path, "w") as f:
-        for v in labels:
-            f.write(str(int(v)) + "\n")
-    return path
-
-
-def percentile_table(cali_scores: Any) -> list[list[Any]]:
-    """``[[np.percentile(cali, 100 * k / 1000), k / 1000] for k in range(1000)]`` on float32 scores."""
-    arr = np.asarray(cali_scores, dtype=np.float32)
-    if arr.size == 0:
-        raise ValueError("percentile table: no calibration scores")
-    return [[np.percentile(arr, 100 * k / PERCENTILE_ROWS), k / PERCENTILE_ROWS] for k in range(PERCENTILE_ROWS)]
-
-
-def write_percentile_table(path: str | Path, cali_scores: Any) -> Path:
-    path = Path(path)
-    with open(path, "wb") as f:
-        pickle.dump(percentile_table(cali_scores), f)
-    return path
 
 
 # ---- plots ------------------------------------------------------------------------------------------
@@ -272,9 +239,4 @@ class ScoreWriter(pl.Callback):
         if self.plots:
             fig = score_distribution_figure(scores, y, title="calibration")
             self.written["cali_score_distribution"] = save_figure(fig, d / "cali_score_distribution.png")
-
-
-def read_score_file(path: str | os.PathLike) -> np.ndarray:
-    """Scores of a ``score_file.csv`` as float32 (for tests and downstream checks)."""
-    return np.loadtxt(path, dtype=np.float32, ndmin=1)
 

@@ -3,7 +3,7 @@ the case registry, measure the findings, write ``report.json`` and ``report.md``
 failed check or category not yet covered.
 
 ``python -m parity verify SOURCE --data-dir DATA ...`` is ``tsa-verify`` (so ``nox -s parity -- verify ...``
-runs it on a team's own legacy job); see ``lightning_port.verify``."""
+runs it on a team's own legacy job); see :mod:`parity.verify`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .report import CATEGORIES, run_meta, write_reports
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:  # the same command as tsa-verify; the default run is unchanged
-        from lightning_port.verify import main as verify_main
+        from .verify.cli import main as verify_main
 
         return verify_main(argv[1:], prog="python -m parity verify")
     ap = argparse.ArgumentParser(prog="python -m parity", description=__doc__)

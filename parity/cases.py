@@ -20,7 +20,7 @@ from reference import build_model
 
 from . import strategies as S
 from .rng import seeded
-from .tolerances import Tolerance, tolerance_for
+from .tolerances import FULL_SIZE_OUTPUTS, Tolerance, tolerance_for
 
 # --- named configurations (legacy argument names) ------------------------------------------------
 DEFAULT = {  # legacy train.py defaults (the recorded single_default fixture)
@@ -58,15 +58,6 @@ def port_kwargs(legacy_kwargs: dict, kind: str) -> dict:
     kw = dict(legacy_kwargs)
     kw.pop("return_seq", None)
     return kw
-
-
-# Full-size stacks (6 + 6 attention layers of width 256 / 128, LayerNorm after each): fp32 rounding of the
-# two implementations' different summation orders accumulates to a few 1e-5 relative on O(1) outputs (worst
-# seen 2.1e-5 abs on 0.56). Held to the tolerance issues 2 and 3 set for recorded outputs.
-_FULL_REASON = ("12 attention layers at full width: fp32 rounding accumulates across the stack; the recording "
-                "tolerance of issues 2/3 (atol 1e-5, rtol 1e-4)")
-FULL_SIZE_OUTPUTS = {check: Tolerance(1e-4, 1e-5, _FULL_REASON)
-                     for check in ("init.outputs", "forward.eval_outputs", "gradient.train_outputs")}
 
 
 @dataclass(frozen=True)

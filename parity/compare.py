@@ -7,6 +7,10 @@ are out of tolerance and their share, the worst absolute and relative difference
 where they occur, the tolerance applied, and the context (seed, config, shapes) needed to
 reproduce. ``max_rel_err`` is taken over elements with |expected| > atol. NaN is explicit: NaN on both sides at the same place is equal; NaN on one side only,
 or inf against a different value, is a mismatch (counted in ``nan_mismatch``).
+
+The elementwise rule is the port's (:func:`lightning_port.tolerances.abs_diff` / ``close``), so the harness,
+``tsa-verify`` (:func:`within`, row by row), ``tsa-convert --verify`` and ``tsa-export-onnx`` judge an element
+the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_port.tolerances import abs_diff, close
+
 from .tolerances import Tolerance
+
+__all__ = ["Comparison", "Mismatch", "abs_diff", "compare", "from_problems", "within"]
+
+
+def within(actual: Any, expected: Any, tol: Tolerance) -> np.ndarray:
+    """The pass mask of :func:`compare`'s rule, elementwise (bool array): for callers that judge row by row."""
+    return close(actual, expected, tol.rtol, tol.atol)
 
 
 @dataclass
@@ -110,24 +123,20 @@ def _leaf(actual: torch.Tensor, expected: torch.Tensor, path: str, tol: Toleranc
     if actual.dtype.is_floating_point != expected.dtype.is_floating_point and actual.dtype != torch.bool:
         # int vs float is allowed (compared as float64); note nothing
         pass
-    a = actual.to(torch.float64)
-    e = expected.to(torch.float64)
+    a = actual.to(torch.float64).cpu()
+    e = expected.to(torch.float64).cpu()
     n = a.numel()
     if n == 0:
         return
-    a_nan, e_nan = torch.isnan(a), torch.isnan(e)
-    both_nan = a_nan & e_nan
-    same_inf = torch.isinf(a) & torch.isinf(e) & (a == e)
-    diff = (a - e).abs()
-    diff = torch.where(both_nan | same_inf, torch.zeros_like(diff), diff)
-    nan_bad = (a_nan ^ e_nan) | ((torch.isinf(a) | torch.isinf(e)) & ~same_inf & ~both_nan)
-    diff_f = torch.where(nan_bad, torch.full_like(diff, math.inf), diff)
+    a_np, e_np = a.numpy(), e.numpy()
+    diff_f = torch.from_numpy(np.asarray(abs_diff(a_np, e_np)))  # 0 for equal NaNs / infinities, inf for a mismatch
+    nan_bad = torch.isinf(diff_f)
     # relative error is reported where |expected| > atol (elsewhere it measures noise around 0)
     rel = diff_f / e.abs()
     rel = torch.where((diff_f == 0) | (e.abs() <= tol.atol) & ~nan_bad, torch.zeros_like(rel), rel)
     rel = torch.nan_to_num(rel, nan=math.inf)
     allowed = tol.atol + tol.rtol * e.abs()
-    bad = (diff_f > allowed) | nan_bad
+    bad = torch.from_numpy(np.asarray(~close(a_np, e_np, tol.rtol, tol.atol)))
     flat_abs = int(torch.argmax(diff_f))
     flat_rel = int(torch.argmax(rel))
     max_abs, max_rel = float(diff_f.reshape(-1)[flat_abs]), float(rel.reshape(-1)[flat_rel])

@@ -41,7 +41,18 @@ import torch
 
 from .compare import Comparison, Mismatch, compare
 from .rng import STEP_SEED_BASE, ReseedPerStep
-from .tolerances import Tolerance
+from .tolerances import (  # noqa: F401  (AUC_REASON, SELECTION_REASON, STEP_*: names of this module)
+    AUC_FLOAT_ATOL,
+    AUC_REASON,
+    LABELS_EXACT,
+    LEVELS_EXACT,
+    PERCENTILE_LIPSCHITZ_REASON,
+    SELECTION_REASON,
+    STEP_REASON,
+    STEP_TOL,
+    Tolerance,
+    step_tolerance,
+)
 
 EVAL_SEED_BASE = 10_000
 BEST_VALI_SEED, BEST_CALI_SEED = 1000, 1001  # offsets from eval_seed_base for the final scoring
@@ -376,31 +387,6 @@ def run_convergence(legacy: torch.nn.Module, port, data_dir: str | Path, kind: s
     return res
 
 
-STEP_REASON = (
-    "fp32 default (rtol 1.3e-6, atol 1e-5) with rtol times (1 + s), s = optimizer steps taken: every step can add "
-    "an fp32 rounding's worth of relative difference to the weights and Adam's per-element normalisation carries "
-    "it forward undamped (an element whose gradient is rounding-level moves by up to lr either way, see the "
-    "training category), so the two trajectories can drift apart linearly with the steps"
-)
-AUC_FLOAT_ATOL = 1e-12  # roc_auc_score's float64 sums over thresholds that sit at slightly different scores
-AUC_REASON = (
-    "AUC is a step function of the scores: it can move only through (positive, negative) validation pairs whose "
-    "order the observed score differences can change, |s_pos - s_neg| <= |d_pos| + |d_neg| (legacy scores s, "
-    "port - legacy differences d); the tolerance is their share of all pairs, plus 1e-12 for sklearn's float64 "
-    "trapezoid sums (the scores themselves are held to the step tolerance), so any other AUC difference is a "
-    "wrong AUC"
-)
-SELECTION_REASON = ("exact: the rounded AUC, best epoch, early-stopping epoch and epochs trained are the same on "
-                    "both sides, and the port's decisions are the legacy rules (reference EarlyStopping, strict "
-                    "best) applied to its own rounded AUCs")
-STEP_TOL = Tolerance(1.3e-6, 1e-5, STEP_REASON)
-
-
-def step_tolerance(steps: int) -> Tolerance:
-    """The tolerance after ``steps`` optimizer steps (``STEP_REASON``)."""
-    return Tolerance(STEP_TOL.rtol * (1 + steps), STEP_TOL.atol, STEP_REASON)
-
-
 def auc_tolerance(legacy_scores: np.ndarray, port_scores: np.ndarray, labels: np.ndarray) -> float:
     """The largest AUC difference the observed score differences can cause (``AUC_REASON``)."""
     s = np.asarray(legacy_scores, np.float64).reshape(-1)
@@ -579,12 +565,11 @@ def compare_convergence(res: ConvergenceResult) -> dict[str, Comparison]:
         files = compare({"score_file": P.vali_scores, "cali_score_file": P.cali_scores},
                         {"score_file": L.vali_scores, "cali_score_file": L.cali_scores}, tol, context=context)
         files.merge(compare({"tag_file": P.vali_tags, "cali_tag_file": P.cali_tags},
-                            {"tag_file": L.vali_tags, "cali_tag_file": L.cali_tags}, Tolerance(0, 0, "labels")))
+                            {"tag_file": L.vali_tags, "cali_tag_file": L.cali_tags}, LABELS_EXACT))
         bound = float(np.max(tol.atol + tol.rtol * np.abs(L.cali_scores.astype(np.float64))))
-        pct = Tolerance(0.0, bound, "order statistics are 1-Lipschitz in the max norm: a percentile moves at most "
-                        "as far as the largest allowed cali score difference")
+        pct = Tolerance(0.0, bound, PERCENTILE_LIPSCHITZ_REASON)
         files.merge(compare([r[0] for r in P.percentile], [r[0] for r in L.percentile], pct, path="percentile_score"))
-        files.merge(compare([r[1] for r in P.percentile], [r[1] for r in L.percentile], Tolerance(0, 0, "levels"),
+        files.merge(compare([r[1] for r in P.percentile], [r[1] for r in L.percentile], LEVELS_EXACT,
                             path="percentile_levels"))
         files.tolerance = tol
     return {"convergence.train_loss": train, "convergence.vali_loss": vali, "convergence.auc": auc,

@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from parity.fixtures import all_cases, forward_args
-from parity.tolerances import ADAM_REASON, GradientNoiseRecorder
+from parity.tolerances import ADAM_REASON, KEY_BIAS_REASON, GradientNoiseRecorder, zero_gradient_key_biases
 from reference import ASLSingleLabel, Cyclical_FocalLoss, FocalLoss, build_model
 from reference.training import make_optimizer
 
@@ -156,8 +156,10 @@ def trajectory_batches(case):
     return [slice(0, half), slice(half, n)]
 
 
-@pytest.mark.parametrize("case", [c for c in SMALL if c.trajectory is not None], ids=lambda c: c.name)
-def test_six_step_trajectory(case):
+def six_recorded_steps(case):
+    """The recorded protocol on the reference: Adam + OneCycleLR (stepped per epoch), 3 epochs of the two
+    halves, ``torch.manual_seed(100 + step)`` right before each step's forward; (losses, lrs, final state,
+    the rounding-level gradient elements)."""
     model = legacy_model(case)
     optimizer, scheduler = make_optimizer(model, lr=1e-5, scheduler_maxlr=1e-3, max_epoch=4)
     noise = GradientNoiseRecorder(model, optimizer)
@@ -177,10 +179,15 @@ def test_six_step_trajectory(case):
             losses.append(loss.item())
             step += 1
         scheduler.step()
+    return losses, lrs, model.state_dict(), noise
+
+
+@pytest.mark.parametrize("case", [c for c in SMALL if c.trajectory is not None], ids=lambda c: c.name)
+def test_six_step_trajectory(case):
+    losses, lrs, final, noise = six_recorded_steps(case)
     traj = case.trajectory
     assert_close(torch.tensor(losses), torch.tensor(traj["loss"]), **OUT_TOL)
     assert lrs == pytest.approx(traj["lr"], rel=1e-12, abs=0)
-    final = model.state_dict()
     assert list(final) == list(traj["final_state_dict"])
     noisy = noise.state_masks()
     for k, v in traj["final_state_dict"].items():
@@ -191,6 +198,64 @@ def test_six_step_trajectory(case):
             unexplained = far & ~noisy.get(k, torch.zeros_like(far))
             assert not unexplained.any(), f"final weight {k}: {int(unexplained.sum())} elements differ ({ADAM_REASON})"
             assert (final[k] - v)[far].abs().max().item() <= sum(lrs) * (1 + 1e-3), f"final weight {k}"
+
+
+# ---- why trained weights drift from a recording (issue 20, item 5; parity.tolerances.KEY_BIAS_REASON) -------------
+def _thirds(g):
+    e = g.shape[0] // 3
+    return g[:e], g[e:2 * e], g[2 * e:]
+
+
+@pytest.mark.parametrize("case", [c for c in SMALL if "train_seed9_grads" in c.expected], ids=lambda c: c.name)
+def test_key_bias_gradient_is_rounding_noise_exactly_where_the_tolerance_says(case):
+    """KEY_BIAS_REASON on the legacy's own recorded gradients (train seed 9): in every attention without the time
+    factor (``zero_gradient_key_biases``) the key third of ``in_proj_bias`` got only rounding noise, <= 1e-5 of the
+    query third's gradient (measured <= 2.5e-7); in the temporal attention a real gradient, >= 1e-3 of it
+    (measured >= 5e-3). And the exact gradient is zero: the reference in float64 gives those key thirds <= 1e-12
+    of the query gradient."""
+    zero = zero_gradient_key_biases(legacy_model(case))
+    recorded = {k: g for k, g in case.expected["train_seed9_grads"].items() if k.endswith("in_proj_bias")}
+    assert recorded and zero <= set(recorded)
+    for k, g in recorded.items():
+        q, key, _ = (t.abs().max().item() for t in _thirds(g))
+        if k in zero:
+            assert key <= 1e-5 * q, f"{k}: recorded key-bias gradient {key:.3g}, query {q:.3g}"
+        else:
+            assert key >= 1e-3 * q, f"{k}: temporal key bias: recorded gradient {key:.3g}, query {q:.3g}"
+    model = legacy_model(case).double().train()
+    args, kwargs = forward_args(case.inputs, case.kind)
+    args = tuple(a.double() if a is not None and a.is_floating_point() else a for a in args)
+    torch.manual_seed(9)
+    scores, _ = model(*args, **kwargs)
+    torch.nn.CrossEntropyLoss(reduction="sum")(scores, case.inputs["y"]).backward()
+    params = dict(model.named_parameters())
+    for k in zero:
+        q, key, _ = (t.abs().max().item() for t in _thirds(params[k].grad))
+        assert key <= 1e-12 * q, f"{k}: float64 key-bias gradient {key:.3g}, query {q:.3g}"
+
+
+def test_reference_training_reproduces_the_recorded_six_steps_bit_for_bit():
+    """The reference's training loop is the legacy's, step for step: on the recording whose forward and gradients
+    the reference reproduces bit for bit (single_plain: no MoE, no time factor), the six recorded steps come out
+    bit for bit -- losses, learning rates and every final tensor, the zero-gradient key biases included, which
+    any change of order (seeding, zero_grad, the scheduler's step, the batches) would move by Adam-normalised
+    noise (KEY_BIAS_REASON). So a port's drift from a recording in those key biases is rounding amplified by Adam,
+    not a training-order change in reference/. (On the MoE / time-factor recordings the reference's eval outputs
+    already differ from the recorded ones by <= 1.2e-7, so their six steps agree to the tolerance of
+    test_six_step_trajectory, not to the bit.)"""
+    case = next(c for c in SMALL if c.name == "single_plain")
+    model = legacy_model(case).eval()
+    args, kwargs = forward_args(case.inputs, case.kind)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        assert torch.equal(model(*args, **kwargs)[0], case.expected["eval_seed7_scores"])  # the premise
+    losses, lrs, final, _ = six_recorded_steps(case)
+    traj = case.trajectory
+    assert losses == [float(v) for v in traj["loss"]]
+    assert lrs == [float(v) for v in traj["lr"]]
+    assert zero_gradient_key_biases(legacy_model(case))  # the key biases the claim is about are there
+    assert_same_state(final, traj["final_state_dict"])
+    assert "key third of in_proj_bias" in KEY_BIAS_REASON and KEY_BIAS_REASON in ADAM_REASON
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.has("train_checkpoint.pt")], ids=lambda c: c.name)

@@ -15,8 +15,11 @@ import pytest
 import torch
 from legacy_jobs import JobSpec, build_job, legacy_model, legacy_scores, make_tarball
 
-from lightning_port import verify as V
-from lightning_port.legacy_job import read_hyperparameters
+import parity.verify as V
+from lightning_port.legacy_hparams import read_hyperparameters
+from parity.verify import job as VJ
+from parity.verify import order as VO
+from parity.verify import scoring as VS
 from reference.training import write_score_file
 
 NO_MOE = JobSpec()  # single, no MoE, file order, float codes, (N, 1) labels
@@ -153,7 +156,7 @@ def test_rows_shifted_by_one(no_moe_job, tmp_path, capsys):
 
 
 def test_perturbed_port_weight(no_moe_job, tmp_path, capsys, monkeypatch):
-    build = V.build_models
+    build = VS.build_models
 
     def perturbed(*a, **k):
         models = build(*a, **k)
@@ -161,7 +164,7 @@ def test_perturbed_port_weight(no_moe_job, tmp_path, capsys, monkeypatch):
             models.port.network.head.fc2.bias[1] += 0.05
         return models
 
-    monkeypatch.setattr(V, "build_models", perturbed)
+    monkeypatch.setattr(VJ, "build_models", perturbed)
     code, stdout, _ = run_cli(capsys, no_moe_job.tarball, "--data-dir", no_moe_job.data, "--split", "vali",
                               "--out", tmp_path, "--no-plots")
     assert code == 1
@@ -239,7 +242,7 @@ def test_plan_matches_the_hand_written_recipe():
     plan = V.make_plan(10, 4)
     assert [len(b.rows) for b in plan.batches] == [4, 4, 2] and plan.line_rows.tolist() == list(range(10))
     # the fast search order (one permutation per epoch) is torch's DistributedSampler order
-    for w, e, order in V._gathered_orders(13, [1, 2, 3, 4, 8, 20], [0, 1, 9]):
+    for w, e, order in VO._gathered_orders(13, [1, 2, 3, 4, 8, 20], [0, 1, 9]):
         assert order.tolist() == V.ddp_order(13, w, e)[0].tolist(), (w, e)
 
 
@@ -251,10 +254,10 @@ def test_moe_criterion_false_alarms_and_power(tmp_path):
                    cali_rows=64)
     job = build_job(tmp_path, spec)
     hp = read_hyperparameters(job.hparams)
-    models = V.build_models(hp, torch.load(job.model_dir / f"{spec.test_name}.pt", weights_only=True), "x")
-    data = V.SplitData(job.data, "vali", spec.kind, "v0", hp)
+    models = VS.build_models(hp, torch.load(job.model_dir / f"{spec.test_name}.pt", weights_only=True), "x")
+    data = VS.SplitData(job.data, "vali", spec.kind, "v0", hp)
     plan = V.make_plan(data.n, spec.batch_size)
-    sc = V.score_split(models, data, plan, 0, V.DEFAULT_MOE_SEEDS, 0, tmp_path, lambda n, close=False: None)
+    sc = VS.score_split(models, data, plan, 0, V.DEFAULT_MOE_SEEDS, 0, tmp_path, lambda n, close=False: None)
     anchors = np.stack([sc.policies["all"], sc.policies["threshold"]])
     model = legacy_model(spec, job.data)
     rng = np.random.default_rng(0)
@@ -317,8 +320,8 @@ def test_dual_no_moe_flat_folder_passes(tmp_path, capsys):
 def test_moe_rounding_boundary_recheck(moe_dual_job, tmp_path, capsys, monkeypatch):
     """Comparison (1) for MoE: a row that differs under one seed only (a coin at its rounding boundary) is
     re-scored with fresh seeds and excused; a difference that persists under them fails."""
-    forward = V._forward_port
-    first = V._seed(0, 0, 0, 0, 0)  # vali (split 0), draw 0, rank 0, batch 0
+    forward = VS._forward_port
+    first = VS._seed(0, 0, 0, 0, 0)  # vali (split 0), draw 0, rank 0, batch 0
 
     def one_seed_only(module, batch, seed):
         out = forward(module, batch, seed)
@@ -326,7 +329,7 @@ def test_moe_rounding_boundary_recheck(moe_dual_job, tmp_path, capsys, monkeypat
             out[3] += 0.05
         return out
 
-    monkeypatch.setattr(V, "_forward_port", one_seed_only)
+    monkeypatch.setattr(VS, "_forward_port", one_seed_only)
     args = (moe_dual_job.tarball, "--data-dir", moe_dual_job.data, "--world-size", 2, "--split", "vali",
             "--moe-seeds", 4, "--no-plots")
     code, stdout, _ = run_cli(capsys, *args, "--out", tmp_path / "a")
@@ -339,7 +342,7 @@ def test_moe_rounding_boundary_recheck(moe_dual_job, tmp_path, capsys, monkeypat
         out[3] += 0.05
         return out
 
-    monkeypatch.setattr(V, "_forward_port", always)
+    monkeypatch.setattr(VS, "_forward_port", always)
     code, stdout, _ = run_cli(capsys, *args, "--out", tmp_path / "b")
     r = json.loads((tmp_path / "b" / "report.json").read_text())
     assert code == 1 and not r["splits"]["vali"]["passed"] and r["splits"]["vali"]["coin_boundary_rows"] == []

@@ -62,7 +62,7 @@ def _resume(case, ckpt_path: Path, training_file: Path):
     from reference.training import make_optimizer, train_one_epoch
 
     from ..rng import ReseedPerStep
-    from ..tolerances import GradientNoiseRecorder
+    from ..tolerances import GradientNoiseRecorder, zero_gradient_key_biases
     from .recorded import _fixture_batch
     from .training import _noise_as_legacy, gradient_noise_callback
 
@@ -99,7 +99,7 @@ def _resume(case, ckpt_path: Path, training_file: Path):
                   if k not in drop}
     legacy_final = {k: v for k, v in legacy.state_dict().items() if k not in drop}
     return (cb.losses, cb.lrs, port_final), (legacy_losses, legacy_lrs, legacy_final), _noise_as_legacy(
-        module, case.kind, noise)
+        module, case.kind, noise), zero_gradient_key_biases(legacy)
 
 
 def check_checkpoint(ctx) -> list:
@@ -141,11 +141,12 @@ def check_checkpoint(ctx) -> list:
                         rec_resume = CheckRecord.new(
                             "checkpoint.resume", "checkpoint", model, Tolerance(out_tol.rtol, out_tol.atol, ADAM_REASON),
                             notes="legacy loop resumed vs Trainer.fit(ckpt_path=converted), one more epoch")
-                        (p_loss, p_lrs, p_final), (l_loss, l_lrs, l_final), noisy = _resume(case, path, case.file(fmt))
+                        (p_loss, p_lrs, p_final), (l_loss, l_lrs, l_final), noisy, key_biases = _resume(
+                            case, path, case.file(fmt))
                         rec_resume.add(compare({"loss": p_loss, "lr": p_lrs}, {"loss": l_loss, "lr": l_lrs}, out_tol,
                                                context=context))
                         rec_resume.add(adam_weights_comparison(p_final, l_final, l_lrs, rec_resume.tol(), context,
-                                                               noisy=noisy))
+                                                               noisy=noisy, key_biases=key_biases))
                         records.append(rec_resume)
                 except Exception as e:  # a crash is a failed check, reported with its traceback
                     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))[-3000:]

@@ -102,8 +102,7 @@ def run_example(kind: str, example: Example, plan: Plan, work: Path):
 def check_convergence(kind: str, ctx: RunContext) -> list[CheckRecord]:
     """The legacy loop vs ``Trainer.fit`` with ``legacy_selection`` until early stopping, for each example of the
     profile's plan; the runs are kept in ``ctx.extra["convergence"]`` for the report's curves."""
-    from ..convergence import AUC_REASON, SELECTION_REASON, STEP_TOL
-    from ..tolerances import Tolerance
+    from ..tolerances import AUC_REASON, SELECTION_REASON, STEP_TOL, Tolerance
 
     plan = PLANS.get(ctx.profile, PLANS["parity"])
     model = f"{kind}:synth-small"

@@ -38,10 +38,10 @@ from ..cases import ParityCase
 from ..compare import compare
 from ..pairs import make_pair, port_grads_as_legacy, run_eval, run_train
 from ..report import CheckRecord
-from ..tolerances import Tolerance
+from ..tolerances import FAST_PATH_ALPHA, SPREAD_TOL, STAT_TOL
 from .base import RunContext, _init_seed, run_property
 
-ALPHA = 1e-6  # false-alarm rate of each statistical test
+ALPHA = FAST_PATH_ALPHA  # false-alarm rate of each statistical test (1e-6)
 SECOND_THRESHOLD = 0.2  # legacy second_threshold (reference.mixture_of_experts.Top2Gating)
 RATE_BATCH = 256  # rows of the keep-rate forward (enough trials for a sensitive test)
 TRAIN_SEEDS = (0, 1, 2, 3)  # seeds per path of the short training runs
@@ -52,11 +52,6 @@ TRAIN_MODEL = {  # configs/single_synthetic.yaml's model, with the legacy MoE on
     "dropout": 0.1, "n_layers_order": 2, "n_layers_feature": 1, "emb_tbl_use_bias": 1, "use_moe": True,
     "num_experts": 3, "use_time_seq": True, "lr": 1e-3, "scheduler_maxlr": 3e-3,
 }
-
-STAT_TOL = Tolerance(0.0, 0.0, f"statistical test, false-alarm rate <= {ALPHA:g}; max_abs_err = |observed - "
-                               "expected| keep rate")
-SPREAD_TOL = Tolerance(0.0, 0.0, "mean over fast-path seeds within the exact path's seed-to-seed spread (max - min) "
-                                 "of its mean; max_abs_err = |mean difference|, max_rel_err = difference / spread")
 
 
 def _deterministic_config(config, one_expert: bool):

@@ -54,7 +54,16 @@ from ..compare import Comparison, Mismatch, compare
 from ..pairs import dropped_keys, make_pair, port_grads_as_legacy
 from ..report import CheckRecord, skipped
 from ..rng import seeded
-from ..tolerances import EXACT, AmpBounds, Tolerance, amp_bounds
+from ..tolerances import (
+    DERIVED_REASON,
+    EXACT,
+    FINAL_REASON,
+    GRADIENT_REASON,
+    SCHEDULE_REASON,
+    AmpBounds,
+    Tolerance,
+    amp_bounds,
+)
 from .base import RunContext, _init_seed, run_property
 
 FP16_INIT_SCALE = 2.0**16  # torch.amp.GradScaler's init_scale (the legacy scaler's)
@@ -92,17 +101,6 @@ FORWARD_CASES = ("single:tiny", "single:tiny-plain", "single:drawn", "dual:tiny"
 TRAINING_CASES = ("single:tiny", "dual:tiny")
 RESUME_CASE = "single:tiny"
 FORWARD_CHECKS = ("precision.forward", "precision.train_outputs", "precision.gradient", "precision.legacy_control")
-GRADIENT_REASON = (
-    "whole gradient (L2 over every parameter): ||g_port - g_legacy|| <= b·||g_fp32|| + 2·||g_legacy - g_fp32||, "
-    "reported as the ratio of the two (pass <= 1). b is the a-priori backward bound λ·sqrt(6(2d+1))·u (see "
-    "parity.tolerances.AMP_REASON); it assumes well-conditioned stages, which gradients that are cancelling "
-    "sums are not: the last bias of a degenerate feature aggregation (n < 32 features; its gradient is the sum "
-    "of the LayerNorm input gradient over every position, whose terms nearly cancel) carries most of the "
-    "gradient norm in small configurations and its autocast error is set by the size of the terms, not of the "
-    "sum (measured: the legacy's own bf16 gradient differs from its fp32 one by up to 1.8x the gradient norm). "
-    "So the allowance adds the legacy's own measured autocast error of this very gradient, twice (port and "
-    "legacy each carry such an error: triangle inequality): the port may differ from the legacy by no more than "
-    "the legacy differs from itself in float32, twice, plus the a-priori bound")
 NOT_ON_GPU = "not covered: no GPU (torch.cuda.is_available() is False); runs when a CUDA device is present"
 
 
@@ -213,8 +211,7 @@ def check_precision(case: ParityCase, amp: AmpVariant, ctx: RunContext) -> list[
     """Eval outputs, train outputs and the whole gradient, port vs legacy under the same autocast, and the
     legacy's own autocast error (control), for one case and one variant."""
     model = f"{case.model}@{amp.name}"
-    rec = {n: CheckRecord.new(n, "precision", model, Tolerance(0.0, math.nan, "derived per configuration: see "
-                                                                              "the reason of each example"))
+    rec = {n: CheckRecord.new(n, "precision", model, Tolerance(0.0, math.nan, DERIVED_REASON))
            for n in FORWARD_CHECKS}
     rec["precision.gradient"] = CheckRecord.new("precision.gradient", "precision", model,
                                                 Tolerance(0.0, 1.0, GRADIENT_REASON))
@@ -387,18 +384,12 @@ def final_weights_comparison(actual: dict, expected: dict, stepped_lrs: list[flo
     differ by rounding in nearly every element, and Adam's sign-like first steps turn a rounding-level
     gradient difference into up to 2·lr)."""
     bound = adam_drift_bound(stepped_lrs)
-    tol = Tolerance(0.0, bound * (1 + 1e-6), "Adam drift bound: 2·Σ lr_t·c_t over the steps taken (see "
-                    "parity.checks.precision.adam_drift_bound); autocast gradients differ by rounding in nearly "
-                    "every element, so nothing tighter holds element by element")
+    tol = Tolerance(0.0, bound * (1 + 1e-6), FINAL_REASON)
     return compare(actual, expected, tol, path="final", context=context)
 
 
 TRAINING_CHECKS = ("precision.training.losses", "precision.training.schedule", "precision.training.final_weights")
-SCHEDULE_REASON = ("exact: learning rates (closed-form OneCycleLR), the loss scale in force at every step (GradScaler: "
-                   "powers of two), the global step of every batch and the steps the scaler let through")
-FINAL_REASON = ("Adam drift bound 2·Σ lr_t·c_t over the steps taken (parity.checks.precision.adam_drift_bound): "
-                "autocast gradients differ by rounding in nearly every element, and Adam's sign-like first steps turn a "
-                "rounding-level difference into up to 2·lr, so nothing tighter holds element by element")
+
 
 
 def _training_records(model: str, bounds_reason: str) -> dict[str, CheckRecord]:

@@ -31,7 +31,7 @@ def check_fixtures(ctx: RunContext) -> list[CheckRecord]:
     from lightning_port.weight_map import legacy_to_port
 
     from ..fixtures import all_cases, forward_args
-    from ..tolerances import ADAM_REASON, Tolerance, tolerance_for
+    from ..tolerances import ADAM_REASON, Tolerance, tolerance_for, zero_gradient_key_biases
 
     records = []
     for fx in all_cases():
@@ -121,7 +121,8 @@ def check_fixtures(ctx: RunContext) -> list[CheckRecord]:
                 comp.merge(compare({"lr": lrs}, {"lr": list(t["lr"])}, tolerance_for("training.lrs")))
                 comp.merge(adam_weights_comparison(actual, {k: v for k, v in t["final_state_dict"].items() if k not in drop},
                                                    list(t["lr"]), Tolerance(rec.rtol, rec.atol, ADAM_REASON), {},
-                                                   noisy=_noise_as_legacy(port, fx.kind, noisy)))
+                                                   noisy=_noise_as_legacy(port, fx.kind, noisy),
+                                                   key_biases=zero_gradient_key_biases(legacy)))
                 rec.add(comp)
             except Exception as e:
                 rec.error("".join(traceback.format_exception(type(e), e, e.__traceback__))[-3000:])
