@@ -287,7 +287,6 @@ class RequestBuilder:
                 out.append(b if b is not None else str(self._number(rng, var, recipe, False)))
             return out
 
-        F = self.F
         for var, otf in self.cat_otf.items():
             if var == "orderDate":
                 seq = dates_cat

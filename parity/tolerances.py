@@ -67,6 +67,14 @@ OVERRIDES: dict[str, Tolerance] = {
                                        "fused kernels): the fp32 default of the forward category"),
 }
 
+# The shadow comparison's drift verdict (parity/shadow.py): the captured legacy scores vs the endpoint's, over the
+# requests both scored. A port that computes the legacy function moves scores by rounding only, so both statistics
+# sit at ~0 / ~1; the bounds are the conventional "no significant shift" levels, for replays where the per-request
+# comparison is not the question (a re-trained model, another request log).
+SHADOW_PSI_MAX = 0.1  # PSI < 0.1: "no significant population shift" (the credit-scoring convention)
+SHADOW_PSI_EPS = 1e-4  # share used for an empty bin (ln(0) otherwise)
+SHADOW_KS_ALPHA = 0.01  # two-sample KS: fail when p < 0.01 (the score distributions differ at the 1% level)
+
 # Final weights after N Adam steps: an element that fails the output tolerance is allowed only when its
 # gradient was at rounding level in some step on the legacy side (see ``GradientNoiseRecorder``) and it stays
 # within Adam's step bound sum(lr).

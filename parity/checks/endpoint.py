@@ -204,7 +204,7 @@ def check_endpoint_port_drawn(ctx: RunContext) -> list[CheckRecord]:
             continue
         stats = {"identical": 0, "examples": 0}
 
-        def body(req, port=port, ref=ref, rec=rec, stats=stats):
+        def body(req, port=port, ref=ref, post=post, rec=rec, stats=stats):
             want = ref.replay_record(req.record())
             got = port.replay_record(req.record())
             v = E.compare_outcomes(got, want, post, compare_log=False)
