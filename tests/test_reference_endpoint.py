@@ -49,7 +49,7 @@ def test_every_recorded_request_answers_as_recorded(ref, post, req, resp):
 
 def test_most_scores_agree_to_a_few_float32_ulps(ref):
     """The forward on this CPU vs the recording: every scored answer within 16 ulps of the float32 score (measured
-    up to 12 here: ATen/MKL kernels of another ISA round differently; see docs/serving.md)."""
+    up to 12 here: ATen/MKL kernels of another ISA round differently; see docs/parity.md, endpoint)."""
     ulps = []
     for req, resp in RECORDS:
         want = E.Outcome.from_record(resp)
