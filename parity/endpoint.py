@@ -72,23 +72,26 @@ class Outcome:
 
     @property
     def score(self) -> float | None:
-        """predict_fn's value as a float (NaN included), None for a sanity failure (-1) or a crash."""
-        if not self.ok or self.prediction is None or self.prediction == "-1":
+        """predict_fn's value as a float (NaN included; from the answer's legacy-score when the prediction's repr is
+        not a plain number), None for a sanity failure (-1) or a crash."""
+        if not self.ok or self.kind == "sanity":
             return None
-        try:
-            return float(self.prediction)
-        except ValueError:
-            return None
+        for text in (self.prediction, self.fields().get("legacy-score")):
+            value = _float(text)
+            if value is not None:
+                return value
+        return None
 
     @property
     def kind(self) -> str:
-        """``score``, ``nan``, ``sanity`` (-1), or ``crash:<stage>:<type>``."""
+        """``score``, ``nan``, ``sanity`` (-1), or ``crash:<stage>:<type>`` (from the answer's legacy-score)."""
         if not self.ok:
             return f"crash:{self.stage}:{self.error_type}"
-        if self.prediction == "-1":
+        text = self.fields().get("legacy-score", self.prediction)
+        if text == "-1":
             return "sanity"
-        s = self.score
-        return "nan" if s is not None and math.isnan(s) else "score"
+        value = _float(text)
+        return "nan" if value is not None and math.isnan(value) else "score"
 
     def fields(self) -> dict[str, str]:
         """The answer's three strings (empty when not an answer of the recorded shape)."""
@@ -298,6 +301,8 @@ def compare_outcomes(got: Outcome, want: Outcome, post: PostProcessing, tol: Tol
     v.problems += answer_shape_problems(got.answer)
     if v.problems:
         return v
+    if got.prediction is not None and got.prediction != "-1" and _float(got.prediction) is None:
+        v.problems.append(f"predict_fn returned {got.prediction}: the contract is the int -1 or a Python float")
     g, w = got.fields(), want.fields()
     if g == w:
         v.identical = True

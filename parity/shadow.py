@@ -338,7 +338,7 @@ def run(opts: Options) -> dict:
     ep = _endpoint(opts, features)
     try:
         post = E.PostProcessing.from_model_dir(opts.model_dir)
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, TypeError) as exc:
         raise ShadowError(f"model folder {opts.model_dir}: percentile table or spline unreadable "
                           f"({str(exc).splitlines()[0]})") from None
     tol = tolerance_for("endpoint.legacy_score")

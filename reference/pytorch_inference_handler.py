@@ -23,6 +23,17 @@ Two differences from the genuine file, neither visible in an answer:
 The handler prints its log lines with ``print`` (warnings and failures print the whole request after
 ``Source:``, the legacy's personal-data leak, kept). :func:`captured_log` collects them per print call, in the
 form the recorder stored them (the text before ``Source:``).
+
+Where legacy-endpoint.md and the recording are silent (each choice reproduces every recorded request; they only
+decide which error a request with two faults at once raises, or what a log line holds after ``Source:``):
+- ``data_parsing`` order: type and key checks, the no-history flag, the numerical-categorical normalisation (per
+  index: the current value, then its history), the split of the two flag keys and the "not matured" warning, the
+  history matrices (cat, then num), the current rows (cat, num, dense), the objectId alignment, the categorical
+  matrix, the numerical matrix and the orderDate check, the dense vector;
+- the "not matured" truncation is applied while the matrices are built and not written back into the request
+  (only the normalisation is); the mismatch-length warning prints the request and both history matrices;
+- a log line is ``<message> Source: <request>`` for the warnings and sanity failures (one print call each);
+- the dead same-length guard's message is unknown (it never printed) and is written as a placeholder.
 """
 
 from __future__ import annotations
@@ -272,7 +283,7 @@ def data_parsing(input_data, model: HandlerModel):
         if seq_cat_mtx.shape[0] == seq_num_mtx.shape[0]:
             # legacy: meant to catch same-length/mismatched lines, but compares the cat order with itself: dead
             if not np.array_equal(np.argsort(cat_ids), np.argsort(cat_ids)):
-                _print("Sanity check warning. Input data OTFs have mismatch lines.", "Source:", input_data)
+                _print("Sanity check warning. (message unknown: never printed)", "Source:", input_data)
         else:
             _print("Sanity check warning. Input data OTFs have mismatch length. Use only currently order for "
                    "evaluation.", "Source:", input_data, seq_cat_mtx, seq_num_mtx)
