@@ -320,6 +320,7 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
         L.append("")
 
     L += render_serving(rows)  # issue 13 (bench_latency.py): all four engines, FLOP/s
+    L += render_endpoint(rows)  # issue 19 (bench_endpoint.py): the legacy handler vs the port's endpoint
 
     # ---- GPU
     L += _gpu_section(rows, idx, pk)
@@ -499,3 +500,21 @@ def render_serving(rows: list[dict]) -> list[str]:
         L.append(f"| {kind} {shape}, batch {batch} | {threads} | {flops / 1e9:.3f} | " + " | ".join(cells) + f" | {dev} |")
     L.append("")
     return L
+
+
+def render_endpoint(rows: list[dict]) -> list[str]:
+    """The endpoint run of ``bench_endpoint.py`` (its ``extra_info["endpoint"]``): in-process and HTTP tables and the
+    issue-19 targets."""
+    from benchmarks import bench_endpoint
+
+    found = [r for r in rows if r.get("scenario") == "endpoint" and r.get("endpoint")]
+    if not found:
+        return []
+    res = found[-1]["endpoint"]
+    return (["## Endpoint (issue 19): the legacy handler vs the port's endpoint, request in, three strings out", "",
+             "The reproduced legacy handler (`reference/pytorch_inference_handler.py`) and "
+             "`lightning_port.serving.inference` (ONNX Runtime and eager backends) on the recorded fixture requests that "
+             "score, batch 1, one torch thread, interleaved rounds; over HTTP the legacy handler behind a stdlib "
+             "wrapper (`benchmarks/legacy_http.py`) and `tsa-serve` on 127.0.0.1 (benchmarks/bench_endpoint.py). "
+             f"pytest-benchmark's own rounds (mean {_fmt_s(found[-1]['mean'])}) time the legacy handler in-process.", ""]
+            + bench_endpoint.render(res) + [""])

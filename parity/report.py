@@ -24,7 +24,7 @@ from .compare import Comparison
 from .tolerances import Tolerance
 
 CATEGORIES = ("structure", "init", "forward", "gradient", "loss", "training", "metrics", "onnx", "checkpoint",
-              "precision", "convergence", "fast_path")
+              "precision", "convergence", "fast_path", "endpoint")
 CONVERGENCE_PNG = "convergence_curves.png"
 MAX_FAILURE_TEXTS = 5
 
@@ -219,7 +219,7 @@ def write_reports(out_dir: Path, records: list[CheckRecord], findings: list[Find
         for name, reason in reasons:
             md.append(f"\n- tolerance of `{name}`: {reason}")
         for r in rows:
-            if r.status == "not covered" or (r.notes and r.status != "skipped" and cat == "precision"):
+            if r.status == "not covered" or (r.notes and r.status != "skipped" and cat in ("precision", "endpoint")):
                 md.append(f"\n- {r.name} / {r.model}: {r.notes}")
             if r.failures:
                 md.append(f"\n**{r.name} / {r.model}**:\n")

@@ -64,6 +64,13 @@ OVERRIDES: dict[str, Tolerance] = {
     "verify.percentile_pkl": Tolerance(0.0, 1e-6, "the same float32 scores give the same table (str(np.float32) "
                                        "round-trips exactly); 1e-6 absorbs np.percentile's interpolation in float32 "
                                        "vs float64 (< 1e-7 on scores in [0, 1])"),
+    # Issue 19: the endpoint's legacy-score (softmax[1] of the float32 forward) "equal to fp32 rounding". The same
+    # legacy model on the same torch rounds differently on another CPU (ATen's AVX2 vs AVX512 kernels, MKL's
+    # paths): the reproduced handler vs the genuine recording differs by up to 12 float32 ulps (4.2e-7) on this
+    # machine. torch.testing's fp32 tolerance (as the forward category); percentile and probability then follow the
+    # rules of parity/endpoint.py (equal strings unless a table row lies between the two scores).
+    "endpoint.legacy_score": Tolerance(1.3e-6, 1e-5, "float32 forward in another kernel order (CPU ISA paths, "
+                                       "fused kernels): torch.testing's fp32 tolerance, as in the forward category"),
 }
 USER_FILE_ATOL_REASON = "--file-atol (given by the user)"  # tsa-verify --file-atol replaces verify.legacy_file
 
@@ -74,6 +81,14 @@ FULL_SIZE_REASON = ("12 attention layers at full width: fp32 rounding accumulate
                     "tolerance of issues 2/3 (atol 1e-5, rtol 1e-4)")
 FULL_SIZE_OUTPUTS = {check: Tolerance(1e-4, 1e-5, FULL_SIZE_REASON)
                      for check in ("init.outputs", "forward.eval_outputs", "gradient.train_outputs")}
+
+# The shadow comparison's drift verdict (parity/verify/shadow.py): the captured legacy scores vs the endpoint's, over the
+# requests both scored. A port that computes the legacy function moves scores by rounding only, so both statistics
+# sit at ~0 / ~1; the bounds are the conventional "no significant shift" levels, for replays where the per-request
+# comparison is not the question (a re-trained model, another request log).
+SHADOW_PSI_MAX = 0.1  # PSI < 0.1: "no significant population shift" (the credit-scoring convention)
+SHADOW_PSI_EPS = 1e-4  # share used for an empty bin (ln(0) otherwise)
+SHADOW_KS_ALPHA = 0.01  # two-sample KS: fail when p < 0.01 (the score distributions differ at the 1% level)
 
 # Final weights after N Adam steps: an element that fails the output tolerance is allowed only when its
 # gradient was at rounding level in some step on the legacy side (see ``GradientNoiseRecorder``) and it stays

@@ -109,3 +109,49 @@ def test_flop_counts_credit_the_plain_computation():
     with common.plain_computation(), FlopCounterMode(display=False) as counter:
         runner._forward()
     assert counter.get_total_flops() == credited
+
+
+def _endpoint_quick(tmp_path, *extra):
+    out = tmp_path / "endpoint.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_endpoint", "--quick", "--json", str(out), *extra],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_endpoint_benchmark_quick_on_the_legacy_side(tmp_path):
+    """bench_endpoint --quick --no-port: the reproduced handler in-process and behind the stdlib HTTP wrapper (started,
+    ready line awaited, sequential and concurrent requests), the tables and the issue-19 target rows."""
+    res, stdout = _endpoint_quick(tmp_path, "--no-port")
+    assert res["engines"] == ["reference"] and res["requests"] == 3
+    assert res["inprocess"]["reference"]["n"] == 3 * 2 and res["inprocess"]["reference"]["p50"] > 0
+    assert res["agreement"]["reference"].startswith("3/3 answers identical")
+    assert res["http_sequential"]["legacy-http"]["n"] == 3 * 2 and res["http_errors"]["legacy-http"] == 0
+    assert res["http_agreement"]["legacy-http"].startswith("3/3")
+    load = res["http_concurrent"]["legacy-http"]
+    assert load["clients"] == 2 and load["requests"] == 8 and load["errors"] == 0 and load["rps"] > 0
+    assert "legacy-http" in res["http_overhead_p50"] and res["http_inprocess_same_rounds"]["reference"]["n"] == 3 * 2
+    assert [t["target"] for t in res["targets"]] == [
+        "port:onnx in-process p99 / legacy handler in-process p99",
+        "port:eager in-process p99 / legacy handler in-process p99",
+        "tsa-serve p50 over HTTP - port:onnx p50 in-process (HTTP overhead)"]
+    assert "| legacy-http |" in stdout and "| target (issue 19) |" in stdout
+    text = "\n".join(summary.render_endpoint([{"scenario": "endpoint", "endpoint": res, "mean": 0.05}]))
+    assert text.startswith("## Endpoint (issue 19)") and "| reference |" in text and "| legacy-http |" in text
+
+
+def test_endpoint_benchmark_quick_with_the_port(tmp_path):
+    """The same with the port's engines and tsa-serve, once lightning_port.serving.inference exists."""
+    import importlib.util
+
+    if importlib.util.find_spec("lightning_port.serving") is None or \
+            importlib.util.find_spec("lightning_port.serving.inference") is None:
+        pytest.skip("lightning_port.serving.inference is not on this branch (the endpoint-port helper builds it)")
+    res, _ = _endpoint_quick(tmp_path)
+    assert {"reference", "port:onnx", "port:eager"} <= set(res["engines"]), res["not_run"]
+    for name in ("port:onnx", "port:eager"):
+        assert res["inprocess"][name]["n"] == 6 and "3 legacy-scores within 1e-5" in res["agreement"][name]
+    assert "tsa-serve" in res["http_sequential"], res["not_run"]
+    assert res["http_errors"]["tsa-serve"] == 0 and res["http_concurrent"]["tsa-serve"]["errors"] == 0
+    assert all(t["measured"] is not None for t in res["targets"])

@@ -22,6 +22,12 @@ from ..report import CheckRecord
 from .base import ParityFailure, RunContext, run_property
 from .checkpoint import check_checkpoint
 from .convergence import check_convergence
+from .endpoint import (
+    check_endpoint_port_drawn,
+    check_endpoint_port_recorded,
+    check_endpoint_reference,
+    check_endpoint_reference_drawn,
+)
 from .fast_path import check_fast_path, check_fast_path_rates, check_fast_path_training
 from .forward import check_forward
 from .gradient import check_gradient
@@ -46,6 +52,10 @@ __all__ = [
     "RunContext",
     "check_checkpoint",
     "check_convergence",
+    "check_endpoint_port_drawn",
+    "check_endpoint_port_recorded",
+    "check_endpoint_reference",
+    "check_endpoint_reference_drawn",
     "check_fast_path",
     "check_fast_path_rates",
     "check_fast_path_training",
@@ -105,6 +115,12 @@ def groups() -> list[Group]:
         out.append(Group("fast_path", f"fast_path {kind}:synth (short training runs)",
                          partial(check_fast_path_training, kind)))
     out += _precision_groups()
+    out += [Group("endpoint", "endpoint reference handler vs recorded answers", check_endpoint_reference),
+            Group("endpoint", "endpoint reference handler vs the documented contract (drawn requests)",
+                  check_endpoint_reference_drawn),
+            Group("endpoint", "endpoint port (onnx, eager) vs recorded answers", check_endpoint_port_recorded),
+            Group("endpoint", "endpoint port (onnx, eager) vs reference handler (drawn requests)",
+                  check_endpoint_port_drawn)]
     return out
 
 

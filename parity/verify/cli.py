@@ -58,6 +58,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--requests" or a.startswith("--requests=") for a in argv):  # the shadow comparison of an endpoint
+        from .shadow import main as shadow_main
+
+        return shadow_main(argv, prog=prog)
     args = build_parser(prog).parse_args(argv)
     opts = Options(source=args.source, data_dir=args.data_dir, hparams=args.hparams, split=args.split,
                    batch_size=args.batch_size, world_size=args.world_size, epoch=args.epoch, moe_seeds=args.moe_seeds,
