@@ -159,6 +159,10 @@ def read_features(model_dir: Path, features: str | Path | None = None) -> Featur
 
 
 # --- preprocessor.pkl -------------------------------------------------------------------------------
+class _Refused(pickle.UnpicklingError):
+    """The restricted unpickler refused something the file asks for (nothing was executed)."""
+
+
 _ARRAY_DTYPE = re.compile(r"^[<>=|]?(f[248]|i[1248]|u[1248]|b1|U\d{1,6}|S\d{1,6})$")
 
 
@@ -166,20 +170,20 @@ def _array_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
     if isinstance(spec, bytes):
         spec = spec.decode("latin1")
     if not isinstance(spec, str) or not _ARRAY_DTYPE.match(spec):
-        raise pickle.UnpicklingError(f"it holds numpy data of dtype {serve._short(spec)}; only numbers and strings "
+        raise _Refused(f"it holds numpy data of dtype {serve._short(spec)}; only numbers and strings "
                                      "are allowed (no objects)")
     return np.dtype(spec, copy=True)  # a copy: BUILD then sets its state, never on numpy's shared descriptor
 
 
 def _array_bytes(text: Any, encoding: Any = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or len(text) > MAX_PICKLE_BYTES:
-        raise pickle.UnpicklingError("it encodes something other than array bytes")
+        raise _Refused("it encodes something other than array bytes")
     return text.encode("latin1")
 
 
 def _reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
     if cls is not np.ndarray or shape != (0,) or dtype not in (b"b", "b"):
-        raise pickle.UnpicklingError("it rebuilds a numpy array in an unexpected way")
+        raise _Refused("it rebuilds a numpy array in an unexpected way")
     return np.ndarray((0,), dtype=np.uint8)  # BUILD then sets shape, dtype (checked) and the raw bytes
 
 
@@ -187,14 +191,14 @@ def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     if (not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.kind in "OV"
             or not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape)
             or order not in ("C", "F")):
-        raise pickle.UnpicklingError("it rebuilds a numpy array in an unexpected way")
+        raise _Refused("it rebuilds a numpy array in an unexpected way")
     return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order).copy()
 
 
 def _number_scalar(dtype: Any, data: Any = None) -> np.generic:
     if (not isinstance(dtype, np.dtype) or dtype.kind not in "fiub" or not isinstance(data, bytes)
             or len(data) != dtype.itemsize):
-        raise pickle.UnpicklingError("it holds a numpy scalar that is not a number")
+        raise _Refused("it holds a numpy scalar that is not a number")
     return np.frombuffer(data, dtype=dtype)[0]
 
 
@@ -220,7 +224,7 @@ class _ArrayUnpickler(serve._TableUnpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return self.ALLOWED[(module, name)]
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which the min-max scalers do not need (only "
+        raise _Refused(f"it refers to {module}.{name}, which the min-max scalers do not need (only "
                                      "numpy arrays of numbers or strings, numbers and plain containers are allowed)")
 
 
@@ -235,7 +239,7 @@ def restricted_load(path: Path, what: str) -> Any:
     try:
         with open(path, "rb") as f:
             return _ArrayUnpickler(f).load()
-    except pickle.UnpicklingError as exc:
+    except _Refused as exc:
         raise ArtifactError(f"{what} {path}: not loaded: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line, no traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

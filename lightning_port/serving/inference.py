@@ -43,6 +43,7 @@ from .preprocess import (
     RequestPlan,
     SanityFailure,
     StrictRefusal,
+    redacted,
 )
 from .runtime import (
     BACKENDS,
@@ -105,7 +106,7 @@ class EndpointModel:
             parsed = self.parse(data)
         except LegacyRequestError as exc:
             if logger.isEnabledFor(logging.WARNING):
-                logger.warning("request refused as the legacy did: %s", exc)
+                logger.warning("request refused as the legacy did: %s", redacted(exc))
             raise exc.error from None
         if isinstance(parsed, SanityFailure):
             return SANITY_FAILURE

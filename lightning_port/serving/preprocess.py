@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from itertools import chain, repeat
 from typing import Any, NamedTuple
@@ -78,6 +79,15 @@ class LegacyRequestError(Exception):
         super().__init__(f"{type(error).__name__}: {error}")
         self.error = error
         self.stage = stage
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+def redacted(exc: BaseException) -> str:
+    """``Type: message`` for the log, with every quoted text (a request value, or a variable name) replaced by
+    ``<value>``: the legacy's messages carry the offending value, which may be personal data."""
+    return f"{type(getattr(exc, 'error', exc)).__name__}: {_QUOTED.sub('<value>', str(getattr(exc, 'error', exc)))}"
 
 
 class StrictRefusal(ValueError):

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from .artifacts import ArtifactError
 from .batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, MicroBatcher, exact_batching
 from .inference import ACCEPT, CONTENT_TYPE, SANITY_FAILURE, EndpointModel, input_fn, load_endpoint
-from .preprocess import LegacyRequestError, SanityFailure, StrictRefusal
+from .preprocess import LegacyRequestError, SanityFailure, StrictRefusal, redacted
 
 PROG = "tsa-serve"
 logger = logging.getLogger("lightning_port.serving")
@@ -105,7 +105,7 @@ class Endpoint:
         except LegacyRequestError as exc:
             err = exc.error
             if logger.isEnabledFor(logging.INFO):
-                logger.info("request refused as the legacy did: %s", exc)
+                logger.info("request refused as the legacy did: %s", redacted(exc))
             return error_body(422, f"{type(err).__name__}: {err}", type=type(err).__name__,
                               message=_one_line(str(err)), stage=exc.stage)
         accept = ACCEPT if accept in (None, "", "*/*") else accept
