@@ -63,3 +63,43 @@ def endpoint(backend: str, strict: bool = False):
 def legacy_parse(text: str) -> int | float:
     """A recorded ``prediction`` (repr of predict_fn's value) back to the value."""
     return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+# --- requests built from the first recorded one ("normal": 25 history rows) --------------------------
+SEP = ";SEP;"
+
+
+@functools.cache
+def features() -> dict:
+    return json.loads((ROOT / "features.json").read_text())
+
+
+@functools.cache
+def _base_text() -> str:
+    return requests()[0]["body"]
+
+
+def base_request() -> dict:
+    """A fresh copy of the first recorded request (normal, 25 history rows, every key present)."""
+    return json.loads(_base_text())
+
+
+def with_rows(data: dict, n: int, group: str | None = None) -> dict:
+    """Keep the newest ``n`` elements of every history sequence (of one group: "cat" / "num")."""
+    f = features()
+    keys = {"cat": f["input_data_seq_cat_otf_vars"], "num": f["input_data_seq_num_otf_vars"]}
+    for g, ks in keys.items():
+        if group in (None, g):
+            for k in ks:
+                data[k] = SEP.join(data[k].split(SEP)[-n:])
+    return data
+
+
+def otf(name: str, group: str | None = None) -> str:
+    """The history key of a current variable (``group`` "cat" / "num" for orderDate and objectId, in both)."""
+    f = features()
+    for g, cur, hist in (("cat", "input_data_seq_cat_vars", "input_data_seq_cat_otf_vars"),
+                         ("num", "input_data_seq_num_vars", "input_data_seq_num_otf_vars")):
+        if group in (None, g) and name in f[cur]:
+            return f[hist][f[cur].index(name)]
+    raise KeyError(name)
