@@ -452,3 +452,35 @@ def test_logs_carry_no_request_values(caplog):
     assert "ValueError: could not convert string to float: np.str_(<value>)" in text  # the value left out
     assert secret not in text and "visa" not in text and "1725432729" not in text and "abc" not in text
     assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_moe_checkpoint_is_served_deterministic_and_batch_invariant(tmp_path):
+    # the handler's own model has no MoE; a port checkpoint with MoE layers would flip the legacy's coins in eval
+    # ("random" policy): served with the deterministic export policy and batch-invariant capacity instead
+    from lightning_port.module import TemporalSelfAttentionClassification
+    from lightning_port.serving.runtime import WeightChoice, load_module
+
+    feats = inference.read_model_folder(MODEL_DIR).features
+    args = {**feats.model_args, "use_moe": 1, "n_layers_order": 1, "n_layers_feature": 1}
+    torch.manual_seed(0)
+    module = TemporalSelfAttentionClassification(**args)
+    assert module.config.moe_eval_policy == "random"
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "moe.ckpt")
+    served = load_module(WeightChoice("ckpt", tmp_path / "moe.ckpt", ""), feats)
+    assert served.config.moe_eval_policy == "expected" and served.config.batch_invariant
+    x = endpoint("eager").plan.parse(json.loads(requests()[0]["body"]))
+    args_ = (torch.from_numpy(x.x_cat)[None], torch.from_numpy(x.x_num)[None], torch.from_numpy(x.x_engineered)[None],
+             torch.from_numpy(x.time_seq)[None], None, torch.from_numpy(x.key_padding_mask)[None])
+    module.eval()
+    with torch.no_grad():
+        state = torch.get_rng_state()
+        module.network(*args_)
+        assert not torch.equal(state, torch.get_rng_state())  # the legacy policy draws its coins in eval
+        state = torch.get_rng_state()
+        served_runs = {float(served.network(*args_)[0][0, 1]) for _ in range(4)}
+        assert torch.equal(state, torch.get_rng_state())  # the served policy draws nothing
+    assert len(served_runs) == 1
