@@ -231,6 +231,10 @@ def exported_onnx(module: torch.nn.Module, choice: WeightChoice, features: Featu
     else:
         raise ArtifactError(f"no writable cache folder for the ONNX export (set {CACHE_ENV})")
     started = time.perf_counter()
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir")]  # the exporter's INFO chatter
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
     try:
         export.export_onnx(module, tmp)
         report = export.verify(tmp, module, batch_sizes=(1, 3))
@@ -241,6 +245,8 @@ def exported_onnx(module: torch.nn.Module, choice: WeightChoice, features: Featu
     except export.ExportError as exc:
         raise ArtifactError(f"exporting {choice.path} to ONNX failed: {exc}") from None
     finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
         if tmp.exists():
             tmp.unlink()
     logger.info("ONNX: exported %s to %s in %.1f s (verified against the eager port; cached)", choice.path.name,
