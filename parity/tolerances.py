@@ -60,8 +60,8 @@ OVERRIDES: dict[str, Tolerance] = {
                                  "(|Δprob| <= 2e-2); measured without MoE 1.1e-3..4.8e-3 (docs/onnx.md)"),
     # Issue 19: the port endpoint's legacy-score vs the genuine handler's recorded one (float32 softmax[1] of the
     # production-shape model). The recording ran on another CPU, whose fp32 kernels round differently: the
-    # faithful reference model on this machine, on the same inputs, is bit-exact for 12 of the 47 scored
-    # requests and 4.2e-7 away at worst; the port 3.3e-7 (eager) and 3.6e-7 (ONNX Runtime). 2e-6 is ~30 float32
+    # faithful reference model on this machine, on the same inputs, is bit-exact for 6 of the 41 finite scores
+    # and 4.2e-7 away at worst; the port 3.3e-7 (eager) and 3.6e-7 (ONNX Runtime). 2e-6 is ~30 float32
     # ulps at 0.5: a wrong input (one feature mis-scaled, one row misplaced) moves the score by far more.
     "serving.legacy_score": Tolerance(0.0, 2e-6, "float32 rounding of another CPU's kernels: the reference model "
                                       "itself differs from the recording by up to 4.2e-7 here (issue 19)"),

@@ -10,7 +10,7 @@ requests are scored one by one, so only the failing one fails.
 Identical answers: the worker only batches when the scorer computes every row exactly as it would alone.
 :func:`batch_exactness` measures that at start-up (random rows in the model's input layout, scored alone
 and inside batches of several sizes and positions, compared bit for bit); where it does not hold (the eager
-port: oneDNN's matmuls round rows differently at other batch sizes; an ONNX graph with MoE layers not
+port: torch's CPU matmuls round rows differently at other batch sizes; an ONNX graph with MoE layers not
 exported batch-invariant, whose expert capacity couples rows) the server scores one request per call.
 """
 

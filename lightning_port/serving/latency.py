@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backends", default="onnx,eager")
     p.add_argument("--http", action="store_true", help="also time the HTTP server (ONNX backend)")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the legacy model's forward (reference.models, legacy weights) on the same inputs")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)  # sanity-failure lines would be timed otherwise
     backends = [b for b in args.backends.split(",") if b]
@@ -88,8 +90,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # http.client sends headers, body apart
         http = {"http": [], "in-process": [], "cpu": []}
         server_cpu = _cpu_seconds(proc.pid)
+    reference = None
+    if args.reference:
+        import torch
+
+        from reference.models import OrderFeatureAttentionClassifier
+
+        f = first.folder.features
+        reference = OrderFeatureAttentionClassifier(**f.model_args)
+        reference.load_state_dict(torch.load(first.folder.path / f.model_file, map_location="cpu", weights_only=True))
+        reference.eval()
+        steps["legacy model"] = {"forward": []}
     for _ in range(args.rounds):
         for r in scored:
+            if reference is not None:
+                x = first.parse(input_fn(r["body"], r["content_type"]))
+                t = [torch.from_numpy(a)[None] for a in (x.x_cat, x.x_num, x.x_engineered, x.time_seq)]
+                kpm = torch.from_numpy(x.key_padding_mask)[None]
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out, _ = reference(t[0], t[1], t[2], t[3], None, kpm)
+                    float(torch.softmax(out[0], dim=0)[1])
+                steps["legacy model"]["forward"].append(time.perf_counter() - t0)
             for b in backends:
                 m = models[b]
                 c0 = time.process_time()
@@ -116,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     http["http"].append(time.perf_counter() - t5)
                     http["in-process"].append(t4 - t0)
     print(f"{len(scored)} scored requests x {args.rounds} rounds, 1 thread, backends interleaved (ms):")
-    for b in backends:
-        for step, values in steps[b].items():
+    for b, table in steps.items():
+        for step, values in table.items():
             print(f"  {b:5s} {step:10s} {_pct(values)}")
     if http is not None:
         server_cpu = (_cpu_seconds(proc.pid) - server_cpu) / max(1, len(http["http"]))
