@@ -484,3 +484,18 @@ def test_a_moe_checkpoint_is_served_deterministic_and_batch_invariant(tmp_path):
         served_runs = {float(served.network(*args_)[0][0, 1]) for _ in range(4)}
         assert torch.equal(state, torch.get_rng_state())  # the served policy draws nothing
     assert len(served_runs) == 1
+
+
+def test_packaged_feature_lists_are_the_recorded_ones_and_tsa_serve_is_installed():
+    from importlib import import_module
+
+    from lightning_port.serving.artifacts import PACKAGED_FEATURES
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib (Python >= 3.11) reads pyproject.toml")
+
+    assert PACKAGED_FEATURES.read_bytes() == (ROOT / "features.json").read_bytes()  # params.py as data, unchanged
+    project = tomllib.loads((ROOT.parents[2] / "pyproject.toml").read_text())
+    target = project["project"]["scripts"]["tsa-serve"]
+    module, func = target.split(":")
+    assert callable(getattr(import_module(module), func))
+    assert "serving/features.json" in project["tool"]["setuptools"]["package-data"]["lightning_port"]
