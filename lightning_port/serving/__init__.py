@@ -6,7 +6,8 @@
   (``GET /ping``, ``POST /invocations``) with micro-batching (:mod:`lightning_port.serving.batching`);
 - :mod:`lightning_port.serving.artifacts` reads and validates the legacy model folder,
   :mod:`lightning_port.serving.preprocess` turns a request into model inputs as the legacy
-  ``data_parsing`` did, :mod:`lightning_port.serving.runtime` scores them (ONNX Runtime or eager).
+  ``data_parsing`` did, :mod:`lightning_port.serving.runtime` scores them (ONNX Runtime or eager);
+  ``python -m lightning_port.serving.latency`` times it on a request log.
 
 Contract and deployment: docs/serving.md.
 """

@@ -22,7 +22,6 @@ what was expected.
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -367,7 +366,3 @@ def read_model_folder(model_dir: str | Path, features: str | Path | None = None)
     maps = read_cat_maps(path / CAT_MAP_FILE, feats, n_emb + 2)
     defaults = read_defaults(path / DEFAULTS_FILE)
     return ModelFolder(path, feats, scalers, table, calibration, maps, defaults)
-
-
-def is_nan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)
