@@ -24,14 +24,14 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit tests of every package (fast; small model configurations)."""
-    install(session, "test,onnx,bench")  # bench: tests/test_benchmarks_quick.py runs python -m benchmarks --quick
+    install(session, "test,onnx,bench,serve")  # bench: tests/test_benchmarks_quick.py runs python -m benchmarks --quick
     session.run("pytest", *session.posargs)
 
 
 @nox.session
 def parity(session: nox.Session) -> None:
     """The parity suite: reference vs port; writes reports/parity/report.json and report.md."""
-    install(session, "test,onnx")
+    install(session, "test,onnx,serve")
     env = {"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "parity")}
     session.run("python", "-m", "parity", *session.posargs, env=env)
 

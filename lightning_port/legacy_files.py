@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,10 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _Refused(pickle.UnpicklingError):
+    """The restricted unpickler refused something the file asks for (nothing was executed)."""
+
+
 class _TableUnpickler(pickle.Unpickler):
     """Reads ``percentile_score.pkl`` without running code: the only globals allowed are the two numpy
     needs to rebuild a float scalar (``numpy.dtype`` for ``f4`` / ``f8`` and the scalar constructor, under
@@ -149,7 +154,7 @@ class _TableUnpickler(pickle.Unpickler):
             return _float_dtype
         if (module, name) == ("_codecs", "encode"):
             return _latin1_bytes
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed (a percentile table holds only "
+        raise _Refused(f"global {module}.{name} is not allowed (a percentile table holds only "
                                      "numpy float scalars and numbers)")
 
 
@@ -158,22 +163,113 @@ _FLOAT_DTYPES = {"f4", "f8", "<f4", "<f8", ">f4", ">f8", "=f4", "=f8"}
 
 def _float_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
     if not isinstance(spec, str) or spec not in _FLOAT_DTYPES:
-        raise pickle.UnpicklingError(f"it holds a numpy scalar of dtype {_short(spec)}; only float32/float64 are "
+        raise _Refused(f"it holds a numpy scalar of dtype {_short(spec)}; only float32/float64 are "
                                      "allowed")
     return np.dtype(spec, copy=True)  # a copy: BUILD then sets its state, never on numpy's shared descriptor
 
 
 def _latin1_bytes(text: Any, encoding: Any = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or len(text) > 8:
-        raise pickle.UnpicklingError("it encodes something other than a float scalar's bytes")
+        raise _Refused("it encodes something other than a float scalar's bytes")
     return text.encode("latin1")
 
 
 def _float_scalar(dtype: Any, data: Any = None) -> np.floating:
     if not isinstance(dtype, np.dtype) or dtype.kind != "f" or not isinstance(data, bytes) \
             or len(data) != dtype.itemsize:
-        raise pickle.UnpicklingError("it holds a numpy scalar that is not a float32/float64 value")
+        raise _Refused("it holds a numpy scalar that is not a float32/float64 value")
     return np.frombuffer(data, dtype=dtype)[0]
+
+
+_ARRAY_DTYPE = re.compile(r"^[<>=|]?(f[248]|i[1248]|u[1248]|b1|U\d{1,6}|S\d{1,6})$")
+
+
+def _array_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    if isinstance(spec, bytes):
+        spec = spec.decode("latin1")
+    if not isinstance(spec, str) or not _ARRAY_DTYPE.match(spec):
+        raise _Refused(f"it holds numpy data of dtype {_short(spec)}; only numbers and strings "
+                       "are allowed (no objects)")
+    return np.dtype(spec, copy=True)  # a copy: BUILD then sets its state, never on numpy's shared descriptor
+
+
+def _array_bytes(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or len(text) > _MAX_ARRAY_TEXT:
+        raise _Refused("it encodes something other than array bytes")
+    return text.encode("latin1")
+
+
+def _reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if cls is not np.ndarray or shape != (0,) or dtype not in (b"b", "b"):
+        raise _Refused("it rebuilds a numpy array in an unexpected way")
+    return np.ndarray((0,), dtype=np.uint8)  # BUILD then sets shape, dtype (checked) and the raw bytes
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    if (not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.kind in "OV"
+            or not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or order not in ("C", "F")):
+        raise _Refused("it rebuilds a numpy array in an unexpected way")
+    return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _number_scalar(dtype: Any, data: Any = None) -> np.generic:
+    if (not isinstance(dtype, np.dtype) or dtype.kind not in "fiub" or not isinstance(data, bytes)
+            or len(data) != dtype.itemsize):
+        raise _Refused("it holds a numpy scalar that is not a number")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+class _ArrayUnpickler(_TableUnpickler):
+    """:class:`_TableUnpickler` (numpy float scalars) extended to numpy arrays of
+    numbers or strings, as ``pickle.dump`` of a dict of sklearn ``MinMaxScaler`` attributes writes them
+    (``_reconstruct`` + ``ndarray`` + ``dtype`` for protocols 2-4, ``_frombuffer`` for protocol 5), each
+    replaced by a checking wrapper. Any other global (``os.system``, ``builtins.eval``, classes, object
+    arrays) is refused: nothing from the file is executed."""
+
+    ALLOWED = {
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy", "dtype"): _array_dtype,
+        ("numpy._core.multiarray", "scalar"): _number_scalar,
+        ("numpy.core.multiarray", "scalar"): _number_scalar,
+        ("_codecs", "encode"): _array_bytes,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        raise _Refused(f"it refers to {module}.{name}, which the min-max scalers do not need (only "
+                       "numpy arrays of numbers or strings, numbers and plain containers are allowed)")
+
+_MAX_ARRAY_TEXT = 64 << 20  # the longest latin-1 text an array's bytes may be spelled in (protocol 2)
+
+
+def load_restricted_pickle(path: str | os.PathLike, what: str, *, arrays: bool = False,
+                           max_bytes: int | None = None) -> Any:
+    """Unpickle ``path`` without running code: numpy float scalars, numbers and plain containers
+    (:class:`_TableUnpickler`), and with ``arrays`` numpy arrays of numbers or strings too
+    (:class:`_ArrayUnpickler`: the legacy ``preprocessor.pkl``). :class:`LegacyJobError` in one line naming
+    ``what`` and the file when it is missing, larger than ``max_bytes``, damaged, or asks for anything else
+    (then nothing of it ran)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise LegacyJobError(f"{what} {path} does not exist") from None
+    if max_bytes is not None and size > max_bytes:
+        raise LegacyJobError(f"{what} {path}: {size} bytes, more than the {max_bytes} such a file needs")
+    try:
+        with open(path, "rb") as f:
+            return (_ArrayUnpickler if arrays else _TableUnpickler)(f).load()
+    except _Refused as exc:
+        raise LegacyJobError(f"{what} {path}: not loaded: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line, no traceback
+        raise LegacyJobError(f"{what} {path}: damaged or not a pickle ({type(exc).__name__}: {_first_line(exc)})"
+                             ) from None
 
 
 def load_percentile_rows(path: str | os.PathLike) -> Any:

@@ -64,13 +64,15 @@ OVERRIDES: dict[str, Tolerance] = {
     "verify.percentile_pkl": Tolerance(0.0, 1e-6, "the same float32 scores give the same table (str(np.float32) "
                                        "round-trips exactly); 1e-6 absorbs np.percentile's interpolation in float32 "
                                        "vs float64 (< 1e-7 on scores in [0, 1])"),
-    # Issue 19: the endpoint's legacy-score (softmax[1] of the float32 forward) "equal to fp32 rounding". The same
-    # legacy model on the same torch rounds differently on another CPU (ATen's AVX2 vs AVX512 kernels, MKL's
-    # paths): the reproduced handler vs the genuine recording differs by up to 12 float32 ulps (4.2e-7) on this
-    # machine. torch.testing's fp32 tolerance (as the forward category); percentile and probability then follow the
-    # rules of parity/endpoint.py (equal strings unless a table row lies between the two scores).
-    "endpoint.legacy_score": Tolerance(1.3e-6, 1e-5, "float32 forward in another kernel order (CPU ISA paths, "
-                                       "fused kernels): torch.testing's fp32 tolerance, as in the forward category"),
+    # Issue 19: the endpoint's legacy-score (float32 softmax[1] of the production-shape model) vs the genuine
+    # handler's recorded one, and the port endpoint vs the reproduced handler. The recording ran on another CPU,
+    # whose fp32 kernels round differently (ATen's AVX2 vs AVX512 paths, MKL's): the faithful reference model on
+    # this machine, on the same inputs, is bit-exact for 6 of the 41 finite scores and 4.2e-7 away at worst; the
+    # port 3.3e-7 (eager) and 3.6e-7 (ONNX Runtime). 2e-6 is ~30 float32 ulps at 0.5: a wrong input (one feature
+    # mis-scaled, one row misplaced) moves the score by far more. Percentile and probability then follow the rules
+    # of parity/endpoint.py (equal strings unless a table row lies between the two scores).
+    "endpoint.legacy_score": Tolerance(0.0, 2e-6, "float32 rounding of another CPU's kernels: the reference model "
+                                       "itself differs from the recording by up to 4.2e-7 here (issue 19)"),
 }
 USER_FILE_ATOL_REASON = "--file-atol (given by the user)"  # tsa-verify --file-atol replaces verify.legacy_file
 

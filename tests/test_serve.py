@@ -34,54 +34,122 @@ def logistic(s: float) -> float:
 
 
 # --- percentile_score ------------------------------------------------------------------------------
+def literal_search(x, rows):
+    """legacy-endpoint.md §6.1 written out: the legacy binary search, then the NEXT row's percentile
+    (the last row's when the search ends on it), with the two integer edge rules."""
+    if x <= 0:
+        return 0
+    if x >= 1:
+        return 1
+    lo, hi, res = 0, len(rows) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if rows[mid][0] == x:
+            res = mid
+            break
+        if rows[mid][0] < x:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    if res is None:
+        res = hi
+    return rows[-1][1] if res == len(rows) - 1 else rows[res + 1][1]
+
+
 @pytest.mark.parametrize(("raw", "expected", "rule"), [
-    (0.0, 0.0, "0 at 0"),
-    (-0.3, 0.0, "0 below 0"),
-    (1.0, 1.0, "1 at 1"),
-    (1.7, 1.0, "1 above 1"),
-    (0.05, 0.0, "above 0, below the first row (0.1): row 0's percentile"),
-    (0.1, 0.0, "exactly the first row"),
-    (0.5, 0.5, "exactly row 500 (0.1 + 0.0008 * 500 = 0.5): that row"),
+    (0.0, 0, "the integer 0 at 0"),
+    (-0.3, 0, "the integer 0 below 0"),
+    (1.0, 1, "the integer 1 at 1"),
+    (1.7, 1, "the integer 1 above 1"),
+    (0.05, 0.0, "above 0, below the first row (0.1): row 0's percentile, the float 0.0"),
+    (0.1, 0.001, "exactly the first row: the NEXT row's percentile"),
+    (0.5, 0.501, "exactly row 500 (0.1 + 0.0008 * 500 = 0.5): the next row"),
     (0.5002, 0.501, "between rows 500 (0.5) and 501 (0.5008): the next row"),
-    (0.5008, 0.501, "exactly row 501"),
-    (0.8992, 0.999, "exactly the last row"),
-    (0.95, 1.0, "above the last row (0.8992), below 1: the row after the last is the 100th percentile"),
+    (0.5008, 0.502, "exactly row 501: the next row"),
+    (0.8992, 0.999, "exactly the last row: the last row's percentile"),
+    (0.95, 0.999, "above the last row (0.8992), below 1: the last row's 0.999, not 1"),
 ])
 def test_percentile_edges_hand_checked(raw, expected, rule):
-    assert serve.percentile_score(raw, linear_table()) == expected, rule
+    got = serve.percentile_score(raw, linear_table())
+    assert got == expected, rule
+    assert type(got) is type(expected), rule  # the legacy answers "0" / "1" (ints) and "0.0" (a float)
 
 
-def test_percentile_ties_take_the_first_tied_row():
+def test_percentile_ties_follow_the_legacy_search_path():
     # rows 0..99: 0.1 .. 0.1792 (linear_table); rows 100..199 all 0.3 (many equal calibration scores);
     # rows 200..999: 0.31, 0.3108, ... (0.31 + 0.0008 (k - 200))
     rows = linear_table()
     for k in range(100, ROWS):
         rows[k][0] = np.float64(0.3 if k < 200 else 0.31 + (k - 200) * 0.0008)
-    assert serve.percentile_score(0.3, rows) == 0.1  # equal to rows 100..199: the first of them
-    assert serve.percentile_score(0.25, rows) == 0.1  # between row 99 (0.1792) and the tie: the next row
-    assert serve.percentile_score(0.30001, rows) == 0.2  # above the tie, below row 200 (0.31): row 200
-    assert serve.percentile_score(0.31, rows) == 0.2  # exactly row 200
+    # 0.3: mid 499 (0.5492) > x -> hi 498; mid 249 (0.3492) > x -> hi 248; mid 124 = 0.3: found row 124,
+    # answer row 125's 0.125 (bisect right would give row 200's 0.2, bisect left - 1 row 100's 0.1)
+    assert serve.percentile_score(0.3, rows) == 0.125
+    assert serve.percentile_score(0.25, rows) == 0.1  # between row 99 (0.1792) and the tie: hi = 99 -> row 100
+    assert serve.percentile_score(0.30001, rows) == 0.2  # above the tie, below row 200 (0.31): hi = 199
+    assert serve.percentile_score(0.31, rows) == literal_search(0.31, rows) == 0.201  # exactly row 200: the next
 
 
-def test_percentile_vectorised_scalar_in_scalar_out_and_nan():
+def test_percentile_vectorised_equals_the_scalar_search_bit_for_bit():
+    # random tables with long ties, scores drawn from the table itself (exact matches), between rows,
+    # outside it, and the edges; the array path must give the scalar search's value for every element
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        base = np.sort(rng.choice(rng.random(rng.integers(5, 400)), ROWS))  # many repeated values
+        if trial % 3 == 0:
+            base[: rng.integers(1, 300)] = base[0]  # a tie at the bottom, as in the recorded table
+        rows = [[float(v), k / ROWS] for k, v in enumerate(base)]
+        table = serve.PercentileTable.from_rows(rows)
+        x = np.r_[base[rng.integers(0, ROWS, 200)], rng.random(200), base[0] - 1e-9, base[-1] + 1e-9,
+                  [0.0, -1.0, 1.0, 2.0, np.nan]]
+        vec = serve.percentile_score(x, table)
+        scalar = np.array([serve.percentile_score(float(v), table) for v in x], dtype=np.float64)
+        literal = np.array([float(literal_search(float(v), rows)) if not np.isnan(v) else rows[0][1] for v in x])
+        np.testing.assert_array_equal(vec, scalar)
+        np.testing.assert_array_equal(vec, literal)
+    shaped = serve.percentile_score(x.reshape(-1, 1)[:10], table)
+    assert shaped.shape == (10, 1)
+    assert shaped.dtype == np.float64
+
+
+def test_percentile_scalar_in_scalar_out_and_nan():
     table = linear_table()
     raw = np.array([[0.0, 0.05, 0.5], [0.5002, 0.95, np.nan]])
     out = serve.percentile_score(raw, table)
     assert out.shape == (2, 3)
     assert out.dtype == np.float64
-    np.testing.assert_array_equal(out[0], [0.0, 0.0, 0.5])
-    np.testing.assert_array_equal(out[1, :2], [0.501, 1.0])
-    assert np.isnan(out[1, 2])
+    np.testing.assert_array_equal(out, [[0.0, 0.0, 0.501], [0.501, 0.999, 0.0]])  # NaN: row 0's percentile
     assert isinstance(serve.percentile_score(0.5, table), float)
-    assert isinstance(serve.percentile_score(np.float32(0.5), table), float)
-    assert math.isnan(serve.percentile_score(float("nan"), table))
-    # float32 raw scores (what score files hold) compare exactly: np.float32(0.5) == 0.5
-    assert serve.percentile_score(np.float32(0.5), table) == 0.5
-    # the same table as a list, an array, and a PercentileTable
+    assert serve.percentile_score(np.float32(0.5), table) == 0.501  # float32 scores compare exactly
+    assert serve.percentile_score(float("nan"), table) == 0.0
+    assert serve.percentile_score(np.array(0.0), table) == 0  # a 0-d array is a scalar
     arr = np.array(table, dtype=np.float64)
     tab = serve.PercentileTable.from_rows(table)
     for t in (arr, tab):
         np.testing.assert_array_equal(serve.percentile_score(raw[0], t), out[0])
+
+
+def test_percentile_and_probability_answer_the_recorded_legacy_cases():
+    # output_fn on crafted raw scores and on every scored fixture request, recorded from the genuine
+    # handler: the same value (the strings are checked in tests/test_serving_inference.py)
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "parity" / "fixtures" / "endpoint"
+    table = serve.load_percentile_table(root / "model" / "percentile_score.pkl")
+    cal = serve.load_calibration(root / "model" / "bspline_parameters.json")
+    cases = [json.loads(line) for line in (root / "output_fn_cases.jsonl").read_text().splitlines()]
+    cases += [r for r in map(json.loads, (root / "responses.jsonl").read_text().splitlines()) if r["ok"]]
+    assert len(cases) > 60
+    for case in cases:
+        text = case["prediction"]
+        x = int(text) if text.lstrip("-").isdigit() else float(text)
+        want = case["answer"]["predictions"][0]
+        pct, prob = serve.percentile_score(x, table), serve.probability_score(x, cal)
+        for got, key in ((pct, "score-percentile"), (prob, "ProbabilityScore")):
+            expect = want[key]
+            if expect in ("0", "1"):
+                assert got == int(expect) and type(got) is int, (text, key)
+            else:
+                assert got == float(expect) or (math.isnan(got) and expect == "nan"), (text, key, got, expect)
 
 
 @pytest.mark.parametrize(("rows", "message"), [
@@ -204,37 +272,52 @@ def test_probability_linear_spline_hand_checked():
     # degree 1, knots [0, 0, 1, 1], coefficients [-2, 2]: s(x) = -2 (1 - x) + 2 x = 4x - 2
     cal = {"knots": [0, 0, 1, 1], "coefficients": [-2.0, 2.0], "degree": 1}
     assert serve.probability_score(0.25, cal) == pytest.approx(1 / (1 + math.e), abs=1e-15)  # s = -1
-    assert serve.probability_score(0.5, cal) == pytest.approx(0.5, abs=1e-15)  # s = 0
+    assert serve.probability_score(0.5, cal) == 0.5  # s = 0: e^0 / (e^0 + 1), exact
     assert serve.probability_score(0.75, cal) == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-15)  # s = 1
-    # the edge rules win over the spline: s(0) = -2 and s(1) = 2, but the endpoint answers 0 and 1
-    assert serve.probability_score(0.0, cal) == 0.0
-    assert serve.probability_score(-0.1, cal) == 0.0
-    assert serve.probability_score(1.0, cal) == 1.0
-    assert serve.probability_score(3.0, cal) == 1.0
+    # the edge rules win over the spline: s(0) = -2 and s(1) = 2, but the endpoint answers the integers 0 and 1
+    for x, want in ((0.0, 0), (-0.1, 0), (1.0, 1), (3.0, 1)):
+        got = serve.probability_score(x, cal)
+        assert got == want
+        assert type(got) is int
     assert math.isnan(serve.probability_score(float("nan"), cal))
 
 
-def test_probability_one_above_25_is_on_the_logit():
+def test_probability_one_above_25_is_on_the_logit_and_the_sigmoid_as_written():
     # degree 0, one piece: s(x) = c everywhere
     def p(c):
         return serve.probability_score(0.5, {"knots": [0.0, 1.0], "coefficients": [c], "degree": 0})
 
-    # at 25: the logistic, not 1 (tolerance: 1 - exp(-25) and 1 / (1 + exp(-25)) round apart by an ulp of 1.0)
-    assert p(25.0) == pytest.approx(1 - math.exp(-25), abs=2.3e-16)
+    e25 = float(np.exp(25.0))
+    assert p(25.0) == e25 / (e25 + 1)  # exactly 25: the sigmoid (legacy: "z > 25" strictly), as written
     assert p(25.0) < 1.0
-    assert p(25.000001) == 1.0  # above 25: exactly 1
-    assert p(26.0) == 1.0
+    assert p(25.000001) == 1 and type(p(25.000001)) is int  # above 25: the integer 1
+    assert p(26.0) == 1
     assert logistic(26.0) < 1.0  # ... where the logistic alone would not be 1 in float64
-    assert p(-800.0) == 0.0  # no overflow warning (math.exp(800) overflows)
-    assert p(-30.0) == pytest.approx(math.exp(-30) / (1 + math.exp(-30)), rel=1e-12)
+    assert p(-800.0) == 0.0  # e^z underflows: 0 / (0 + 1), no lower clamp
+    assert type(p(-800.0)) is float
+    e = float(np.exp(-30.0))
+    assert p(-30.0) == e / (e + 1)
+    # e^z / (e^z + 1) and 1 / (1 + e^-z) differ in the last bit for some z: the legacy's form is kept
+    zs = np.linspace(-20, 20, 4001)
+    as_written = np.exp(zs) / (np.exp(zs) + 1)
+    other = 1 / (1 + np.exp(-zs))
+    assert (as_written != other).any()
+    probe = zs[np.flatnonzero(as_written != other)[0]]
+    assert p(float(probe)) == as_written[np.flatnonzero(as_written != other)[0]]
 
 
-def test_probability_extrapolates_outside_the_knots():
-    # degree 1, knots [0.2, 0.2, 0.8, 0.8], coefficients [-1, 2]: s(x) = -1 + 3 (x - 0.2) / 0.6 = 5x - 2
+def test_probability_is_nan_outside_the_knots():
+    # degree 1, knots [0.2, 0.2, 0.8, 0.8], coefficients [-1, 2]: s(x) = -1 + 3 (x - 0.2) / 0.6 = 5x - 2 on
+    # [0.2, 0.8]; the legacy builds BSpline(..., extrapolate=False): NaN outside the knots
     cal = {"knots": [0.2, 0.2, 0.8, 0.8], "coefficients": [-1.0, 2.0], "degree": 1}
-    assert serve.probability_score(0.1, cal) == pytest.approx(logistic(-1.5), abs=1e-15)  # left of the knots
-    assert serve.probability_score(0.9, cal) == pytest.approx(logistic(2.5), abs=1e-15)  # right of them
-    assert serve.probability_score(0.8, cal) == pytest.approx(logistic(2.0), abs=1e-15)  # the last knot
+    assert math.isnan(serve.probability_score(0.1, cal))  # left of the knots
+    assert math.isnan(serve.probability_score(0.9, cal))  # right of them
+    assert serve.probability_score(0.8, cal) == pytest.approx(logistic(2.0), abs=1e-15)  # the last knot itself
+    assert serve.probability_score(0.2, cal) == pytest.approx(logistic(-1.0), abs=1e-15)
+    out = serve.probability_score(np.array([0.1, 0.5, 0.9, 0.0, 1.0]), cal)
+    assert np.isnan(out[[0, 2]]).all()
+    assert out[1] == pytest.approx(logistic(0.5), abs=1e-15)
+    np.testing.assert_array_equal(out[3:], [0.0, 1.0])
 
 
 def test_probability_duplicate_knots_right_continuous():
@@ -250,12 +333,13 @@ def test_probability_duplicate_knots_right_continuous():
     assert spline(0.5 - 1e-12) == pytest.approx(-1.0, abs=1e-9)
     # x = 0.75: u = 0.5 on the right piece -> 0.25 c3 + 0.5 c4 + 0.25 c5 = 2.75
     assert spline(0.75) == pytest.approx(2.75, abs=1e-15)
+    assert spline.value(0.75) == spline(0.75)
     assert serve.probability_score(0.75, cal) == pytest.approx(logistic(2.75), abs=1e-15)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
-def test_spline_matches_scipy_and_cox_de_boor(k):
-    from scipy.interpolate import BSpline, splev, splrep
+def test_spline_matches_scipy_bit_for_bit_and_cox_de_boor(k):
+    from scipy.interpolate import BSpline, splrep
 
     rng = np.random.default_rng(k)
     if k in (1, 3):  # a calibration fitted as the legacy job would have (FITPACK: c padded with zeros)
@@ -269,17 +353,28 @@ def test_spline_matches_scipy_and_cox_de_boor(k):
         c = rng.normal(0, 3, len(t) - k - 1)
     cal = {"knots": list(map(float, t)), "coefficients": list(map(float, c)), "degree": int(k)}
     spline = serve.BSplineCalibration.from_dict(cal)
-    q = np.linspace(-0.3, 1.3, 1601)  # includes extrapolation on both sides
-    np.testing.assert_allclose(spline(q), splev(q, (t, c, k)), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(spline(q), BSpline(t, np.asarray(c)[: len(t) - k - 1], k)(q), rtol=1e-10, atol=1e-10)
     n = len(t) - k - 1
+    legacy = BSpline(np.asarray(t), np.asarray(c)[:n], k, extrapolate=False)  # what the legacy handler builds
+    q = np.r_[np.linspace(-0.3, 1.3, 1601), rng.uniform(t[k], t[n], 2000), t, np.nan]  # outside, inside, knots
+    np.testing.assert_array_equal(spline(q), legacy(q))  # bit for bit, NaN outside [t_k, t_n]
+    np.testing.assert_array_equal([spline.value(float(v)) for v in q], legacy(q))
     inside = q[(q >= t[k]) & (q < t[n])][::40]
     want = [cox_de_boor(t, c, k, x) for x in inside]
     np.testing.assert_allclose(spline(inside), want, rtol=1e-10, atol=1e-10)
-    raw = np.linspace(0.001, 0.999, 77)
-    s = splev(raw, (t, c, k))
-    want_p = np.where(s > 25, 1.0, 1 / (1 + np.exp(-s)))
-    np.testing.assert_allclose(serve.probability_score(raw, cal), want_p, rtol=1e-12, atol=1e-15)
+    raw = np.r_[np.linspace(0.001, 0.999, 77), 0.0, 1.0]
+    z = legacy(raw)
+    with np.errstate(invalid="ignore"):
+        want_p = np.where(raw <= 0, 0.0, np.where(raw >= 1, 1.0, np.where(z > 25, 1.0, np.exp(z) / (np.exp(z) + 1))))
+    np.testing.assert_array_equal(serve.probability_score(raw, cal), want_p)
+    np.testing.assert_array_equal([serve.probability_score(float(v), cal) for v in raw], want_p)
+
+
+def test_failed_r_job_is_refused_in_one_line():
+    for empty in ({}, []):
+        params = {"knots": [0, 0, 1, 1], "coefficients": empty, "degree": 1, "status": "Fail"}
+        with pytest.raises(ValueError, match="'coefficients' is empty \\(status 'Fail'\\): the R calibration job") as err:
+            serve.BSplineCalibration.from_dict(params)
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(("params", "message"), [
@@ -355,12 +450,9 @@ def test_score_cli_writes_endpoint_columns_and_keeps_legacy_files(scored_setup, 
     assert [r[0] for r in rows] == (plain / "score_file.csv").read_text().splitlines()
     with open(tmp_path / "c" / "percentile_score.pkl", "rb") as f:
         table = pickle.load(f)  # our own file, written by this test: plain pickle is fine here
-    cali_scores = [r[0] for r in table]
     for raw, pct, prob in rows:
         x = float(np.float32(raw))
-        # by hand: the first row whose score >= x (bisect by a linear scan), 1 above the last row
-        first = next((k for k, s in enumerate(cali_scores) if s >= x), None)
-        assert float(pct) == (1.0 if first is None else table[first][1])
+        assert float(pct) == literal_search(x, table)  # the legacy search written out in this test
         from scipy.interpolate import splev
 
         s = float(splev(x, (cal["knots"], cal["coefficients"], cal["degree"])))

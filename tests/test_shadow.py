@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from parity.verify.cli import main as verify_main
 from parity import endpoint as E
 from parity.verify import shadow
+from parity.verify.cli import main as verify_main
 
 FIX = E.FIXTURE_DIR
 MODEL = str(E.MODEL_DIR)

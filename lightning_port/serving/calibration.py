@@ -12,7 +12,9 @@ project's one restricted unpickler: numpy float scalars only, never code) and va
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,11 @@ class PercentileTable:
 
     scores: np.ndarray
     percentiles: np.ndarray
+
+    def __post_init__(self) -> None:
+        # Python floats for the scalar search (one request at a time: no numpy call per lookup)
+        object.__setattr__(self, "_score_list", self.scores.tolist())
+        object.__setattr__(self, "_pct_list", self.percentiles.tolist())
 
     @classmethod
     def from_rows(cls, rows: Any, source: str = "percentile table") -> PercentileTable:
@@ -108,7 +115,10 @@ def load_percentile_table(path: str | Path) -> PercentileTable:
 @dataclass(frozen=True)
 class BSplineCalibration:
     """A validated B-spline (``knots`` t, ``coefficients`` c, ``degree`` k) in scipy/FITPACK's convention:
-    s(x) = Σ_j c_j B_{j,k}(x) over the n = len(t) - k - 1 basis functions of the knot vector t."""
+    s(x) = Σ_j c_j B_{j,k}(x) over the n = len(t) - k - 1 basis functions of the knot vector t, evaluated
+    as the legacy handler's ``scipy.interpolate.BSpline(t, c, k, extrapolate=False)``: NaN outside the
+    base interval [t_k, t_n] (no extrapolation) and for NaN, bit for bit scipy's arithmetic inside it
+    (legacy-endpoint.md §6.2)."""
 
     knots: np.ndarray
     coefficients: np.ndarray  # the n used (FITPACK pads c to len(t) with zeros; extras are dropped)
@@ -134,6 +144,12 @@ class BSplineCalibration:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
             raise ValueError(f"{source}: 'degree' must be an integer >= 0, got {_short(params['degree'])}")
         k = int(k)
+        coef = params["coefficients"]
+        if isinstance(coef, (list, tuple, dict)) and len(coef) == 0:
+            status = params.get("status")
+            raise ValueError(f"{source}: 'coefficients' is empty" + (f" (status {status!r})" if status is not None else "")
+                             + ": the R calibration job that wrote it failed, and the legacy handler cannot build "
+                             "its spline from it either")
         t = _real_vector(params["knots"], f"{source}: 'knots'")
         c = _real_vector(params["coefficients"], f"{source}: 'coefficients'")
         if t.size < 2 * (k + 1):
@@ -160,24 +176,60 @@ class BSplineCalibration:
         c.flags.writeable = False
         return cls(t, c, k)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_knot_list", self.knots.tolist())
+        object.__setattr__(self, "_coef_list", self.coefficients.tolist())
+
     def __call__(self, x: Any) -> np.ndarray:
-        """s(x) for finite ``x`` (any shape) by de Boor's algorithm. Outside the base interval
-        [t_k, t_n] the polynomial of the nearest non-empty knot interval is continued (extrapolation, as
-        ``scipy.interpolate.splev(x, tck)`` / ``BSpline(t, c, k)`` do by default); at a knot the interval
-        to its right is used (right-continuous), and at t_n the last one."""
+        """s(x) for ``x`` of any shape (float64): NaN outside [t_k, t_n] and for NaN. Inside, the interval
+        index l is the largest in [k, n - 1] with t_l <= x (so t_n uses l = n - 1) and the k + 1 non-zero
+        basis values come from the Cox-de Boor triangle in scipy's order of operations (``_deBoor_D``),
+        summed against the coefficients in increasing order from 0.0: every element is computed by the same
+        float64 operations as :meth:`value` (bit-identical), which are scipy's (tests)."""
         t, c, k = self.knots, self.coefficients, self.degree
         x = np.asarray(x, dtype=np.float64)
         n = c.size
-        starts = np.flatnonzero(t[k:n] < t[k + 1: n + 1]) + k  # non-empty intervals [t_i, t_i+1), k <= i < n
-        pos = np.searchsorted(t[starts], x, side="right") - 1
-        i = starts[np.clip(pos, 0, starts.size - 1)]  # (x.shape) interval index
-        d = np.stack([c[i - k + j] for j in range(k + 1)])  # (k+1, ...) the coefficients acting on it
-        for r in range(1, k + 1):
-            for j in range(k, r - 1, -1):
-                left, right = t[i - k + j], t[i + 1 + j - r]
-                alpha = (x - left) / (right - left)  # right > left: the interval is non-empty
-                d[j] = (1.0 - alpha) * d[j - 1] + alpha * d[j]
-        return d[k]
+        inside = (x >= t[k]) & (x <= t[n])  # False for NaN
+        xs = np.where(inside, x, t[k])  # a harmless point for the lanes outside (their result is NaN)
+        lo = np.clip(np.searchsorted(t, xs, side="right") - 1, k, n - 1)  # (x.shape) interval index
+        h = [np.ones_like(xs)] + [np.zeros_like(xs) for _ in range(k)]
+        for j in range(1, k + 1):
+            hh = [h[m].copy() for m in range(j)]
+            h[0] = np.zeros_like(xs)
+            for m in range(1, j + 1):
+                xb, xa = t[lo + m], t[lo + m - j]
+                same = xb == xa
+                w = hh[m - 1] / np.where(same, 1.0, xb - xa)
+                h[m - 1] = np.where(same, h[m - 1], h[m - 1] + w * (xb - xs))
+                h[m] = np.where(same, 0.0, w * (xs - xa))
+        z = np.zeros_like(xs)
+        for q in range(k + 1):
+            z = z + c[lo + q - k] * h[q]
+        return np.where(inside, z, np.nan)
+
+    def value(self, x: float) -> float:
+        """s(x) for one float, in plain Python floats (the serving path; same operations as :meth:`__call__`)."""
+        t, c, k = self._knot_list, self._coef_list, self.degree
+        n = len(c)
+        if not t[k] <= x <= t[n]:  # also NaN
+            return math.nan
+        lo = min(max(bisect.bisect_right(t, x) - 1, k), n - 1)
+        h = [1.0] + [0.0] * k
+        for j in range(1, k + 1):
+            hh = h[:j]
+            h[0] = 0.0
+            for m in range(1, j + 1):
+                xb, xa = t[lo + m], t[lo + m - j]
+                if xb == xa:
+                    h[m] = 0.0
+                    continue
+                w = hh[m - 1] / (xb - xa)
+                h[m - 1] += w * (xb - x)
+                h[m] = w * (x - xa)
+        z = 0.0
+        for q in range(k + 1):
+            z += c[lo + q - k] * h[q]
+        return z
 
 
 def _real_vector(v: Any, what: str) -> np.ndarray:
@@ -203,58 +255,104 @@ def load_calibration(path: str | Path) -> BSplineCalibration:
     return BSplineCalibration.from_dict(params, f"calibration {path}")
 
 
-def _scores(raw_score: Any) -> tuple[np.ndarray, bool]:
-    x = np.asarray(raw_score, dtype=np.float64)
-    return x, x.ndim == 0
+def _is_scalar(raw_score: Any) -> bool:
+    return isinstance(raw_score, (int, float, np.integer, np.floating)) or (
+        isinstance(raw_score, np.ndarray) and raw_score.ndim == 0)
 
 
-def _edges(x: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """The legacy edge rules on top of ``inside`` (the value for 0 < x < 1): 0 at or below 0, 1 at or above
-    1, NaN for NaN."""
-    out = np.where(x <= 0, 0.0, np.where(x >= 1, 1.0, inside))
-    return np.where(np.isnan(x), np.nan, out)
+def _percentile_row(x: float, scores: list[float]) -> int:
+    """The legacy binary search (legacy-endpoint.md §6.1), literally: the row of an equal score where the
+    search meets one, else the final ``hi`` (the number of rows below x minus 1; -1 below the first row,
+    and for NaN, where every comparison is false)."""
+    lo, hi = 0, len(scores) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        s = scores[mid]
+        if s == x:
+            return mid
+        if s < x:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return hi
+
+
+def _percentile_rows(x: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """:func:`_percentile_row` for every element of ``x`` at once: the same search path per element (the
+    same midpoints, stopping at the same equal row), run as masked array steps."""
+    n = scores.size
+    lo = np.zeros(x.shape, dtype=np.int64)
+    hi = np.full(x.shape, n - 1, dtype=np.int64)
+    found = np.full(x.shape, -2, dtype=np.int64)
+    active = lo <= hi
+    while active.any():
+        mid = (lo + hi) // 2
+        s = scores[np.clip(mid, 0, n - 1)]
+        eq = active & (s == x)
+        found = np.where(eq, mid, found)
+        go = active & ~eq
+        less = go & (s < x)
+        lo = np.where(less, mid + 1, lo)
+        hi = np.where(go & ~less, mid - 1, hi)
+        active = go & (lo <= hi)
+    return np.where(found >= -1, found, hi)
 
 
 def percentile_score(raw_score: Any, table: Any) -> Any:
     """The legacy endpoint's ``score-percentile`` of a raw score (softmax[1]) in ``table``
     (:class:`PercentileTable`, or the rows of ``percentile_score.pkl`` as a list / (1000, 2) array).
 
-    Legacy binary search with its edge rules, and these choices where the legacy text is silent
-    (docs/serving.md): 0 at or below 0; 1 at or above 1; otherwise the percentile of the first row whose
-    score is >= the raw score -- the row itself on an exact match, the next row's percentile between
-    two rows, row 0's (0.0) below the first row, 1 above the last row (the "next row" after row 999 is
-    the 100th percentile). Among rows with equal scores the first (lowest percentile) is used, so the
-    result does not depend on where a binary search happens to land. NaN gives NaN.
-    Vectorised: an array in gives a float64 array of its shape; a scalar in gives a Python float.
+    The legacy rule (legacy-endpoint.md §6.1): the integer 0 at or below 0 and the integer 1 at or above 1;
+    otherwise the legacy binary search gives a row r (an equal score's row where the search meets one,
+    which among tied rows depends on the search path; else the number of rows below x minus 1) and the
+    answer is the percentile of row r + 1 -- the NEXT row on an exact match -- or of the last row when r
+    is the last row. So below the first row: row 0's percentile (0.0, a float); above the last row: the
+    last row's (0.999, not 1); NaN: row 0's. Comparisons in float64.
+    A scalar in gives the legacy's Python value (int 0 / int 1 / the table's float); an array in gives a
+    float64 array of its shape, element for element the scalar search's value (bit-identical).
     """
     tab = PercentileTable.from_rows(table)
-    x, scalar = _scores(raw_score)
-    idx = np.searchsorted(tab.scores, x, side="left")  # rows with score < x
-    inside = np.where(idx < tab.scores.size, tab.percentiles[np.minimum(idx, tab.scores.size - 1)], 1.0)
-    out = _edges(x, inside)
-    return float(out) if scalar else out
-
-
-def _logistic(s: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(s))  # no overflow for either sign
-    return np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    if _is_scalar(raw_score):
+        x = raw_score.item() if isinstance(raw_score, (np.generic, np.ndarray)) else raw_score
+        if x <= 0:
+            return 0
+        if x >= 1:
+            return 1
+        pct = tab._pct_list
+        r = _percentile_row(float(x), tab._score_list)
+        return pct[-1] if r == len(pct) - 1 else pct[r + 1]
+    x = np.asarray(raw_score, dtype=np.float64)
+    r = _percentile_rows(x, tab.scores)
+    last = tab.scores.size - 1
+    inside = tab.percentiles[np.where(r == last, last, r + 1)]
+    return np.where(x <= 0, 0.0, np.where(x >= 1, 1.0, inside))
 
 
 def probability_score(raw_score: Any, calibration: Any) -> Any:
     """The legacy endpoint's ``ProbabilityScore``: the logistic of the calibration B-spline at the raw score.
 
     ``calibration``: :class:`BSplineCalibration` or the dict of ``bspline_parameters.json`` (``knots``,
-    ``coefficients``, ``degree``). With s = spline(raw score), computed in float64: exactly 1 where s > 25
-    (the legacy "1 above 25": 25 is a logit, logistic(25) = 1 - 1.4e-11), else 1 / (1 + exp(-s));
-    the spline is extrapolated outside its knots (as scipy's ``splev`` does by default). Edge rules as
-    :func:`percentile_score`: 0 at or below 0, 1 at or above 1, NaN for NaN. Vectorised like it.
+    ``coefficients``, ``degree``). The legacy rule (legacy-endpoint.md §6.2): the integer 0 at or below 0
+    and the integer 1 at or above 1; otherwise z = spline(x) in float64 (NaN outside the knots' base
+    interval: no extrapolation); the integer 1 where z > 25 (strictly); else e^z / (e^z + 1) as written,
+    with numpy's float64 exp -- NaN for NaN z, no lower clamp (very negative z gives 0.0).
+    A scalar in gives the legacy's Python value (int 0 / int 1 / float); an array in gives a float64 array.
     """
     spline = BSplineCalibration.from_dict(calibration)
-    x, scalar = _scores(raw_score)
-    inside = np.zeros_like(x)
-    interior = (x > 0) & (x < 1)
-    if interior.any():
-        s = spline(x[interior])
-        inside[interior] = np.where(s > LOGIT_CAP, 1.0, _logistic(s))
-    out = _edges(x, inside)
-    return float(out) if scalar else out
+    if _is_scalar(raw_score):
+        x = raw_score.item() if isinstance(raw_score, (np.generic, np.ndarray)) else raw_score
+        if x <= 0:
+            return 0
+        if x >= 1:
+            return 1
+        z = spline.value(float(x))
+        if z > LOGIT_CAP:
+            return 1
+        e = float(np.exp(z))
+        return e / (e + 1)
+    x = np.asarray(raw_score, dtype=np.float64)
+    z = spline(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(z)
+        inside = np.where(z > LOGIT_CAP, 1.0, e / (e + 1))
+    return np.where(x <= 0, 0.0, np.where(x >= 1, 1.0, inside))
