@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # exporter and Lightning chatter; failures are in the report
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_port.serving"):  # + the endpoint's per-request log
         logging.getLogger(name).setLevel(logging.ERROR)
     started = time.time()
     ctx = RunContext(profile=args.profile)
