@@ -142,12 +142,7 @@ def test_endpoint_benchmark_quick_on_the_legacy_side(tmp_path):
 
 
 def test_endpoint_benchmark_quick_with_the_port(tmp_path):
-    """The same with the port's engines and tsa-serve, once lightning_port.serving.inference exists."""
-    import importlib.util
-
-    if importlib.util.find_spec("lightning_port.serving") is None or \
-            importlib.util.find_spec("lightning_port.serving.inference") is None:
-        pytest.skip("lightning_port.serving.inference is not on this branch (the endpoint-port helper builds it)")
+    """The same with the port's engines and tsa-serve."""
     res, _ = _endpoint_quick(tmp_path)
     assert {"reference", "port:onnx", "port:eager"} <= set(res["engines"]), res["not_run"]
     for name in ("port:onnx", "port:eager"):
