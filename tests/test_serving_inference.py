@@ -31,7 +31,7 @@ from _serving_helpers import (
     responses,
 )
 
-from lightning_port.serving import inference
+from lightning_port.serving import inference, scorers
 from lightning_port.serving.artifacts import ArtifactError
 from parity.tolerances import tolerance_for
 
@@ -499,3 +499,40 @@ def test_packaged_feature_lists_are_the_recorded_ones_and_tsa_serve_is_installed
     module, func = target.split(":")
     assert callable(getattr(import_module(module), func))
     assert "serving/features.json" in project["tool"]["setuptools"]["package-data"]["lightning_port"]
+
+
+@pytest.mark.parametrize("value", ["1e30", "-1e30", "1e25"])
+def test_rows_beyond_ort_exact_domain_are_scored_as_the_legacy(value):
+    # found by parity `endpoint.port_onnx_vs_reference_drawn`: a current-order value of 1e30 makes the legacy's
+    # LayerNorm variance overflow (NaN score), while ONNX Runtime's fused LayerNormalization stays finite. The ONNX
+    # backend scores such rows with the eager network: both sides shown, the legacy's answer from the reproduced
+    # handler on the same request
+    from parity.endpoint import make_endpoint
+
+    m = endpoint("onnx")
+    body = json.loads(requests()[0]["body"])
+    body[m.folder.features.dense_num_vars[5]] = float(value)
+    feed = {k: np.stack([getattr(m.parse(body), a)]) for k, a in inference.INPUTS_ORDER}
+    assert scorers.outside_exact_domain(feed).tolist() == [True]
+    ort_alone = scorers.positive_scores(m.scorer.ort.logits(feed))[0]
+    assert math.isfinite(ort_alone)  # the unguarded ONNX answer: not the legacy's
+    legacy = make_endpoint("reference").replay(json.dumps(body), "application/json", "application/json")
+    assert legacy.prediction == "nan"
+    before = m.scorer.eager_rows
+    assert math.isnan(m.predict(body)) and m.scorer.eager_rows == before + 1
+    # inside the domain ORT answers, as before
+    plain = json.loads(requests()[0]["body"])
+    assert abs(m.predict(plain) - float(responses()[0]["prediction"])) <= TOL.atol
+    assert m.scorer.eager_rows == before + 1
+
+
+def test_exact_domain_marks_only_the_rows_beyond_it():
+    rows, L = 4, 3
+    feed = {"x_num": np.zeros((rows, L, 2), np.float32), "x_engineered": np.zeros((rows, 5), np.float32),
+            "time_seq": np.zeros((rows, L, 1), np.float32)}
+    feed["x_num"][1, 0, 1] = scorers.EXACT_DOMAIN  # at the bound: inside
+    feed["x_num"][2, 2, 0] = -2 * scorers.EXACT_DOMAIN
+    feed["x_engineered"][3, 4] = np.nan
+    assert scorers.outside_exact_domain(feed).tolist() == [False, False, True, True]
+    feed["time_seq"][0, 1, 0] = np.inf
+    assert scorers.outside_exact_domain(feed).tolist() == [True, False, True, True]

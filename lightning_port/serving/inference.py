@@ -47,6 +47,8 @@ from .preprocess import (
 )
 from .scorers import (
     BACKENDS,
+    EXACT_DOMAIN,
+    DomainGuardedScorer,
     EagerScorer,
     OrtScorer,
     choose_weights,
@@ -146,13 +148,18 @@ def load_endpoint(model_dir: str | Path, backend: str | None = None, *, strict: 
     folder = read_model_folder(model_dir, features)
     choice = choose_weights(folder.path, folder.features, backend)
     if backend == "onnx":
+        module = None
         if choice.kind == "onnx":
             path, source = choice.path, choice.note
+            logger.warning("ONNX model %s served alone: a row with an input beyond %.0e answers from ONNX Runtime, "
+                           "finite where the legacy answered NaN (docs/divergences.md #20)", path, EXACT_DOMAIN)
         else:
             module = load_module(choice, folder.features)
             path = exported_onnx(module, choice, folder.features)
             source = f"{choice.note}, exported to {path}"
         scorer: Any = OrtScorer(path, folder.features, threads=threads)
+        if module is not None:  # rows outside ORT's exact domain: the eager network, as the legacy computed them
+            scorer = DomainGuardedScorer(scorer, EagerScorer(module))
         if scorer.quantized:
             logger.warning("ONNX model %s is %s-quantized: legacy-score differs from the fp32 model's beyond "
                            "float32 rounding (docs/onnx.md)", path, scorer.metadata.get("quantization"))

@@ -41,6 +41,13 @@ BACKENDS = ("onnx", "eager")
 INPUTS = ("x_cat", "x_num", "x_engineered", "time_seq", "key_padding_mask")
 CACHE_ENV = "TSA_SERVE_CACHE"
 SERVING_POLICY = "expected"  # MoE models only: the export default, deterministic (docs/onnx.md)
+# ONNX Runtime and the eager network (the legacy's operations) agree to fp32 rounding while every float input of a
+# row stays below this magnitude. Beyond ~1e19 (sqrt of float32's max) the legacy's LayerNorm variance overflows and
+# the legacy (and eager) answer NaN where ORT's fused LayerNormalization stays finite (measured on the recorded
+# model: equal to 4e-7 up to 1e18 in x_num / x_engineered, NaN vs finite from 1e20); 1e12 leaves a 1e6-fold
+# margin for the first projections' gain. Rows beyond it (or with NaN / inf) are scored by the eager network.
+EXACT_DOMAIN = 1e12
+FLOAT_INPUTS = ("x_num", "x_engineered", "time_seq")
 
 
 def positive_scores(logits: np.ndarray) -> list[float]:
@@ -193,6 +200,39 @@ class OrtScorer:
 
     def logits(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
         return self.session.run(["scores"], dict(feed))[0]
+
+
+def outside_exact_domain(feed: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per row: does any float input hold a value that is not finite or beyond :data:`EXACT_DOMAIN`?"""
+    rows = len(feed["x_num"])
+    out = np.zeros(rows, dtype=bool)
+    for name in FLOAT_INPUTS:
+        a = np.abs(feed[name].reshape(rows, -1))
+        out |= ~(a <= EXACT_DOMAIN).all(axis=1)  # NaN compares False: counted as outside
+    return out
+
+
+class DomainGuardedScorer:
+    """ONNX Runtime for the rows in its exact domain, the eager network for the others, one row a call (so a row's
+    answer does not depend on its batch: ORT is measured batch-exact, the eager matmuls are not)."""
+
+    name = "onnx"
+
+    def __init__(self, ort: OrtScorer, eager: EagerScorer):
+        self.ort, self.eager = ort, eager
+        self.metadata, self.path, self.quantized = ort.metadata, ort.path, ort.quantized
+        self.batch_invariant = ort.batch_invariant and eager.batch_invariant
+        self.eager_rows = 0  # rows answered by the eager network so far
+
+    def logits(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        out = self.ort.logits(feed)
+        outside = outside_exact_domain(feed)
+        if outside.any():
+            out = np.array(out, copy=True)
+            for i in np.flatnonzero(outside):  # one row a call: the eager matmuls round by batch size
+                out[i] = self.eager.logits({k: np.ascontiguousarray(v[i:i + 1]) for k, v in feed.items()})[0]
+                self.eager_rows += 1
+        return out
 
 
 def _sha256(path: Path) -> str:
