@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FILES = ("bench_train_eval.py", "bench_latency.py", "bench_gpu.py", "bench_endpoint.py")
+FILES = ("bench_train_eval.py", "bench_latency.py", "bench_gpu.py", "bench_endpoint.py", "bench_cpu_bf16.py")
 
 
 def main(argv: list[str] | None = None) -> int:

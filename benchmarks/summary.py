@@ -321,6 +321,7 @@ def render(data: dict, skips: list[dict], wall_s: float, quick: bool = False, pr
 
     L += render_serving(rows)  # issue 13 (bench_latency.py): all four engines, FLOP/s
     L += render_endpoint(rows)  # issue 19 (bench_endpoint.py): the legacy handler vs the port's endpoint
+    L += render_cpu_bf16(rows)  # issue 21 (bench_cpu_bf16.py): fp32 reference vs the port in fp32 and bf16 on the CPU
 
     # ---- GPU
     L += _gpu_section(rows, idx, pk)
@@ -500,6 +501,18 @@ def render_serving(rows: list[dict]) -> list[str]:
         L.append(f"| {kind} {shape}, batch {batch} | {threads} | {flops / 1e9:.3f} | " + " | ".join(cells) + f" | {dev} |")
     L.append("")
     return L
+
+
+def render_cpu_bf16(rows: list[dict]) -> list[str]:
+    """The CPU bf16 run of ``bench_cpu_bf16.py`` (its ``extra_info["cpu_bf16"]``): peaks, train and eval tables, the
+    profile of the fast path's bf16 step and the issue-21 targets."""
+    from benchmarks import bench_cpu_bf16
+
+    found = [r for r in rows if r.get("scenario") == "cpu_bf16" and r.get("cpu_bf16")]
+    if not found:
+        return []
+    return (["## CPU bf16 (issue 21): the fp32 reference vs the port in fp32 and under torch.autocast(bfloat16)", ""]
+            + bench_cpu_bf16.render(found[-1]["cpu_bf16"]) + [""])
 
 
 def render_endpoint(rows: list[dict]) -> list[str]:

@@ -322,3 +322,7 @@ STAT_TOL = Tolerance(0.0, 0.0, f"statistical test, false-alarm rate <= {FAST_PAT
                                "|observed - expected| keep rate")
 SPREAD_TOL = Tolerance(0.0, 0.0, "mean over fast-path seeds within the exact path's seed-to-seed spread (max - min) "
                                  "of its mean; max_abs_err = |mean difference|, max_rel_err = difference / spread")
+BF16_FIT_TOL = Tolerance(0.0, 0.0, "every bf16-mixed seed's validation AUROC within the fp32 seeds' range widened by "
+                                   "their seed-to-seed spread (max - min), and the bf16 mean within that spread of the "
+                                   "fp32 mean (rounding in bf16 must not cost more than a change of seed); max_abs_err "
+                                   "= |mean difference|, max_rel_err = difference / spread")

@@ -150,3 +150,27 @@ def test_endpoint_benchmark_quick_with_the_port(tmp_path):
     assert "tsa-serve" in res["http_sequential"], res["not_run"]
     assert res["http_errors"]["tsa-serve"] == 0 and res["http_concurrent"]["tsa-serve"]["errors"] == 0
     assert all(t["measured"] is not None for t in res["targets"])
+
+
+def test_cpu_bf16_benchmark_quick(tmp_path):
+    """bench_cpu_bf16 in quick mode through python -m benchmarks: the fp32 and bf16 matmul peaks, every engine of
+    both modes side by side (reference fp32; port and port_fast in fp32 and bf16), the bf16 eval deviation, the
+    issue-21 target rows and the summary section."""
+    r = _run(["--device", "cpu", "--quick", "-k", "cpu_bf16", "--no-profile", "--no-memory-subprocess"], tmp_path)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    data = json.loads((tmp_path / "benchmark-quick.json").read_text())
+    res = next(b["extra_info"]["cpu_bf16"] for b in data["benchmarks"] if b["extra_info"].get("scenario") == "cpu_bf16")
+    assert res["peaks"]["fp32"]["flops_per_s"] > 0 and res["peaks"]["bf16"]["dtype"] == "bfloat16"
+    assert set(res["modes"]["train"]["engines"]) == {"reference:fp32", "port:fp32", "port:bf16", "port_fast:fp32",
+                                                     "port_fast:bf16"}
+    assert set(res["modes"]["eval"]["engines"]) == {"reference:fp32", "port:fp32", "port:bf16"}
+    for mode in res["modes"].values():
+        assert mode["flops"] > 0
+        assert all(len(e["times_s"]) == res["config"]["rounds"] and e["median_s"] > 0 for e in mode["engines"].values())
+    dev = res["modes"]["eval"]["bf16_score_deviation"]
+    assert 0 < dev["max_abs"] < 0.1  # bf16 really ran, and is close
+    assert [t["target"] for t in res["targets"]] == ["train port_fast bf16 vs fp32 reference",
+                                                     "train port fp32 vs fp32 reference",
+                                                     "eval port bf16 vs fp32 reference"]
+    text = (tmp_path / "summary.md").read_text()
+    assert "## CPU bf16 (issue 21)" in text and "| target (issue 21) |" in text and "| port_fast | bf16 |" in text

@@ -133,3 +133,33 @@ def test_user_mistakes_are_one_line(tmp_path, capsys):
         tsa(["fit", *cfg, "--data.data_dir", str(data), "--data.batch_size", "abc"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "data.batch_size" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fit_in_bf16_mixed_on_cpu(tmp_path):
+    # issue 21: `tsa fit --trainer.precision bf16-mixed` on the CPU, Lightning's own plugin (autocast bfloat16, fp32
+    # master weights, no scaler); the fit learns as the fp32 one does (parity `precision.fit_auroc` compares the two)
+    import yaml
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    assert tsa_synth(["--kind", "single", "--out", str(data), "--rows", ROWS, "--eval-rows", "400"]) == 0
+    seen = []
+    real = torch.autocast.__enter__
+
+    def spy(self):
+        seen.append((self.device, self.fast_dtype))
+        return real(self)
+
+    torch.autocast.__enter__ = spy
+    try:
+        tsa(["fit", "--config", str(ROOT / "configs" / "single_synthetic.yaml"), "--data.data_dir", str(data),
+             "--trainer.default_root_dir", str(out), "--trainer.progress_bar", "false",
+             "--trainer.max_epochs", "3", "--trainer.precision", "bf16-mixed"])
+    finally:
+        torch.autocast.__enter__ = real
+    assert ("cpu", torch.bfloat16) in seen  # the forward ran under CPU bf16 autocast
+    run = out / "tsa" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+    ckpts = run / "checkpoints"
+    state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())  # fp32 master weights
+    assert best_score(ckpts) >= 0.7

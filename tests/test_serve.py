@@ -471,3 +471,48 @@ def test_score_cli_bad_table_is_one_line(scored_setup, capsys):
     assert "expected 1000 rows" in err
     assert err.count("\n") == 1
     assert not (tmp_path / "o" / "score_file.csv").exists()  # refused before scoring
+
+
+def test_score_cli_bf16_measures_and_stores_its_deviation(scored_setup, capsys, monkeypatch):
+    # issue 21: eager bf16 scoring of a checkpoint, offered because its deviation is measured on every run and held
+    # to the stated bound (lightning_port.tolerances.EAGER_BF16); ONNX models refuse the option
+    import lightning.pytorch as pl
+
+    from lightning_port.serving import score
+    from lightning_port.tolerances import EAGER_BF16
+
+    tmp_path, onnx_path = scored_setup
+    from lightning_port.module import TemporalSelfAttentionClassification
+    from lightning_port.synth import SynthConfig
+
+    cfg = SynthConfig(kind="single", rows=8, eval_rows=30, seed=5)
+    torch.manual_seed(0)
+    module = TemporalSelfAttentionClassification(
+        n_cat_features=cfg.n_cat, n_num_features=cfg.n_num, n_embedding=cfg.n_embedding, seq_len=cfg.seq_len,
+        n_engineered_num_features=cfg.n_eng, dim_embedding_table=8, dim_attn_feedforward=16, num_heads=2,
+        n_layers_order=1, n_layers_feature=1, use_moe=False)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    data = str(tmp_path / "data")
+    assert serve.main([str(ckpt), "--data-dir", data, "--out", str(tmp_path / "fp32")]) == 0
+    assert not (tmp_path / "fp32" / "score_precision.json").exists()
+    assert serve.main([str(ckpt), "--data-dir", data, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "eager bf16" in out and "max |Δprob|" in out
+    stored = json.loads((tmp_path / "bf16" / "score_precision.json").read_text())
+    fp32 = np.loadtxt(tmp_path / "fp32" / "score_file.csv", dtype=np.float64)
+    bf16 = np.loadtxt(tmp_path / "bf16" / "score_file.csv", dtype=np.float64)
+    assert stored["precision"] == "bf16" and stored["rows"] == 30 and stored["bound"] == EAGER_BF16.atol
+    # the stored figure is the deviation of the written scores (one batch here), measured independently here
+    assert stored["max_abs_dev"] == pytest.approx(np.abs(fp32 - bf16).max(), abs=1e-7)
+    assert 0 < stored["max_abs_dev"] <= EAGER_BF16.atol  # bf16 really ran (not the fp32 path)
+    # beyond the bound: refused in one line before any score file is written
+    monkeypatch.setattr(score, "EAGER_BF16", type(EAGER_BF16)(0.0, stored["max_abs_dev"] / 2, "test"))
+    rc = serve.main([str(ckpt), "--data-dir", data, "--out", str(tmp_path / "refused"), "--precision", "bf16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "beyond the bound" in err and err.count("\n") == 1
+    assert not (tmp_path / "refused" / "score_file.csv").exists()
+    rc = serve.main([str(onnx_path), "--data-dir", data, "--out", str(tmp_path / "o"), "--precision", "bf16"])
+    assert rc == 2 and "applies to checkpoints" in capsys.readouterr().err

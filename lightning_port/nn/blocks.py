@@ -57,6 +57,60 @@ class _SlicedRecompute(torch.autograd.Function):
         return (None, None, None, *[x.grad if need else None for x, need in zip(leaves, needs)])
 
 
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The lower-precision dtype the first Linear of a chain casts its gathered input to (``torch.autocast`` on
+    ``t``'s device with a float table), else ``None``. Not under tracing, compile or export (they see the plain
+    gather, which autocast casts the same way)."""
+    dev = t.device.type
+    if (not t.is_floating_point() or t.dtype != torch.float32 or not torch.is_autocast_enabled(dev)
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+class _LowpGather(torch.autograd.Function):
+    """Rows of ``table`` in autocast's dtype: cast the (small) table, then gather -- the same values as gathering
+    in fp32 and letting the first Linear's autocast cast the (large) gathered tensor, without writing the fp32
+    copy and casting it (the fast path's largest copies under bf16). The table's gradient is accumulated in the
+    table's dtype from the gradient cast back, as autocast's cast would: bit-equal to the plain gather.
+    ``mode`` ``"embedding"``: ``F.embedding(idx, table, padding_idx)``; ``"columns"``: ``table.t()[:, idx]``."""
+
+    @staticmethod
+    def forward(ctx, idx, table, pad, dtype, mode):
+        ctx.save_for_backward(idx)
+        ctx.n_rows, ctx.pad, ctx.table_dtype, ctx.mode = table.shape[0], pad, table.dtype, mode
+        low = table.to(dtype)
+        if mode == "embedding":
+            return F.embedding(idx, low, padding_idx=pad)
+        return low.t().contiguous().index_select(1, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        g = grad.to(ctx.table_dtype)
+        if ctx.mode == "embedding":
+            pad = -1 if ctx.pad is None else ctx.pad
+            gt = torch.ops.aten.embedding_dense_backward(g, idx, ctx.n_rows, pad, False)
+        else:  # index_select's backward: index_add into zeros, then the transpose
+            gt = torch.zeros(g.shape[0], ctx.n_rows, dtype=g.dtype, device=g.device).index_add_(1, idx, g).t()
+        return None, gt, None, None, None
+
+
+def _embed(codes: Tensor, table: Tensor, pad: int | None) -> Tensor:
+    dtype = _autocast_dtype(table)
+    if dtype is None:
+        return F.embedding(codes, table, padding_idx=pad)
+    return _LowpGather.apply(codes, table, pad, dtype, "embedding")
+
+
+def _gather_columns(table: Tensor, idx: Tensor) -> Tensor:
+    """``table.t().contiguous().index_select(1, idx)``: (d, len(idx))."""
+    dtype = _autocast_dtype(table)
+    if dtype is None:
+        return table.t().contiguous().index_select(1, idx)
+    return _LowpGather.apply(idx, table, None, dtype, "columns")
+
+
 def _leaky(h: Tensor) -> Tensor:
     # in place when nothing is recorded (same values; one buffer fewer at the peak)
     inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
@@ -186,7 +240,7 @@ def _codes_chain(codes: Tensor, table: Tensor, params, pad: int | None, d_slice=
     *lead, n = codes.shape
     if d_slice is not None:
         table = table[:, d_slice[0]: d_slice[1]]
-    x = F.embedding(codes.permute(2, 0, 1), table, padding_idx=pad)  # (n, B, L, d) feature-first
+    x = _embed(codes.permute(2, 0, 1), table, pad)  # (n, B, L, d) feature-first
     h = torch.addmm(b0[:, None], w0, x.reshape(n, x.numel() // n))  # (n//2, B·L·d)
     del x
     return FeatureAggregation._finish_feature_first(h, params).view(*lead, table.shape[1])
@@ -216,7 +270,7 @@ def _codes_chain_rows(idx: Tensor, table: Tensor, params, pad: int | None, d_sli
         table = torch.cat([table[:pad], table[pad: pad + 1].detach(), table[pad + 1:]])
     if d_slice is not None:
         table = table[:, d_slice[0]: d_slice[1]]
-    gathered = table.t().contiguous().index_select(1, idx)  # (d, B·L·n)
+    gathered = _gather_columns(table, idx)  # (d, B·L·n)
     d = gathered.shape[0]
     h = torch.addmm(b0, gathered.view(-1, n), w0.t())  # (d·B·L, n//2)
     del gathered

@@ -110,6 +110,7 @@ def eager_outputs(module: nn.Module, inputs: Mapping[str, Tensor]) -> dict[str, 
         else:
             scores, _ = module(*(x[n] for n in DUAL_INPUTS[:7]), None, x["key_padding_mask_cid"],
                                x["key_padding_mask_ccid"])
+    scores = scores.float()  # under autocast the logits are bf16: the softmax in fp32, as the fp32 path's
     return {"scores": scores.numpy(), "probs": torch.softmax(scores, dim=1).numpy()}
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+
 from ..cases import CASES, case
 from ..report import CheckRecord
 from .base import ParityFailure, RunContext, run_property
@@ -39,6 +41,7 @@ from .precision import (
     VARIANTS,
     check_not_on_this_machine,
     check_precision,
+    check_precision_fit,
     check_precision_resume,
     check_precision_training,
 )
@@ -67,6 +70,7 @@ __all__ = [
     "check_metrics",
     "check_onnx",
     "check_precision",
+    "check_precision_fit",
     "check_precision_resume",
     "check_precision_training",
     "check_onnx_int8",
@@ -143,4 +147,8 @@ def _precision_groups() -> list[Group]:
         if amp.scaled:
             out.append(Group("precision", f"precision resume legacy AMP job {amp.name} ({amp.plugin})",
                              partial(check_precision_resume, amp)))
+        if amp.device == "cpu" and amp.dtype == torch.bfloat16:  # issue 21: bf16 training offered on the CPU
+            for kind in ("single", "dual"):
+                out.append(Group("precision", f"precision {kind}:synth {amp.name} short fits (bf16-mixed vs fp32 AUROC)",
+                                 partial(check_precision_fit, kind)))
     return out

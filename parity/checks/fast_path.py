@@ -250,7 +250,7 @@ def check_fast_path_rates(case: ParityCase, ctx: RunContext) -> list[CheckRecord
 
 
 # --- short training runs ----------------------------------------------------------------------------------
-def _fit(kind: str, data_dir: str, seed: int, legacy_rng: bool) -> tuple[float, float]:
+def _fit(kind: str, data_dir: str, seed: int, legacy_rng: bool, precision: str = "32-true") -> tuple[float, float]:
     import lightning.pytorch as pl
 
     from lightning_port import DualSequenceTSA, TemporalSelfAttentionClassification
@@ -265,25 +265,38 @@ def _fit(kind: str, data_dir: str, seed: int, legacy_rng: bool) -> tuple[float, 
         dm = TSADataModule(data_dir, kind=kind, batch_size=TRAIN_BATCH, seed=seed)
         trainer = pl.Trainer(max_epochs=TRAIN_EPOCHS, accelerator="cpu", devices=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0)
+                             num_sanity_val_steps=0, precision=precision)
         trainer.fit(model, datamodule=dm)
         m = trainer.callback_metrics
         return float(m["val/loss"]), float(m["val/auroc"])
 
 
-def check_fast_path_training(kind: str, ctx: RunContext) -> list[CheckRecord]:
-    """Validation loss and AUROC after a short fit: fast path vs the exact path's seed-to-seed spread."""
+def short_fits(kind: str, path: str, ctx: RunContext, precision: str = "32-true") -> list[tuple[float, float]]:
+    """(validation loss, AUROC) after the short fit of every seed in :data:`TRAIN_SEEDS`, ``path`` ``"exact"`` or
+    ``"fast"``, under Lightning's ``precision``; once per run (the precision category reuses the fp32 fits)."""
     from lightning_port.synth import SynthConfig, write_dataset
 
+    cache = ctx.extra.setdefault("short_fits", {})
+    key = (kind, path, precision)
+    if key not in cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_dataset(tmp, SynthConfig(kind=kind, rows=TRAIN_ROWS, seed=0))
+            cache[key] = [_fit(kind, tmp, s, path == "exact", precision) for s in TRAIN_SEEDS]
+    return cache[key]
+
+
+SHORT_FIT_NOTE = (f"tsa-synth {TRAIN_ROWS} rows, {TRAIN_EPOCHS} epochs, batch {TRAIN_BATCH}, MoE 3 experts, dropout "
+                  f"0.1, seeds {list(TRAIN_SEEDS)} per path")
+
+
+def check_fast_path_training(kind: str, ctx: RunContext) -> list[CheckRecord]:
+    """Validation loss and AUROC after a short fit: fast path vs the exact path's seed-to-seed spread."""
     model = f"{kind}:synth"
-    note = (f"tsa-synth {TRAIN_ROWS} rows, {TRAIN_EPOCHS} epochs, batch {TRAIN_BATCH}, MoE 3 experts, dropout "
-            f"0.1, seeds {list(TRAIN_SEEDS)} per path")
+    note = SHORT_FIT_NOTE
     rec = {n: CheckRecord.new(n, "fast_path", model, SPREAD_TOL, notes=note)
            for n in ("fast_path.training_loss", "fast_path.training_auroc")}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_dataset(tmp, SynthConfig(kind=kind, rows=TRAIN_ROWS, seed=0))
-            runs = {path: [_fit(kind, tmp, s, path == "exact") for s in TRAIN_SEEDS] for path in ("exact", "fast")}
+        runs = {path: short_fits(kind, path, ctx) for path in ("exact", "fast")}
         for i, name in enumerate(("fast_path.training_loss", "fast_path.training_auroc")):
             exact = [r[i] for r in runs["exact"]]
             fast = [r[i] for r in runs["fast"]]

@@ -552,3 +552,45 @@ def check_not_on_this_machine(amp: AmpVariant, ctx: RunContext) -> list[CheckRec
             for n in TRAINING_CHECKS]
     return out
 
+
+
+# ------------------------------------------------------------------------------------------ short fits
+FIT_CHECKS = ("precision.fit_auroc", "precision.fit_auroc_fast_path")
+
+
+def check_precision_fit(kind: str, ctx: RunContext) -> list[CheckRecord]:
+    """A short ``bf16-mixed`` fit (every seed of the fast_path category's protocol, on the CPU) reaches the fp32
+    fit's validation AUROC: each bf16 seed's AUROC within the fp32 seeds' range widened by their spread, and the
+    mean within the spread of the fp32 mean. Two records, each path against itself in fp32 (same seeds, so the
+    same dropout masks and coins: only the precision differs): the exact path, and the fast path (what issue 21
+    offers for speed)."""
+    import statistics
+
+    from ..tolerances import BF16_FIT_TOL
+    from .fast_path import SHORT_FIT_NOTE, TRAIN_SEEDS, short_fits
+
+    model = f"{kind}:synth@cpu-bf16:bf16-mixed"
+    rec = {n: CheckRecord.new(n, "precision", model, BF16_FIT_TOL, notes=SHORT_FIT_NOTE) for n in FIT_CHECKS}
+    try:
+        for name, path in zip(FIT_CHECKS, ("exact", "fast")):
+            fp32 = [r[1] for r in short_fits(kind, path, ctx)]
+            lo, hi, spread = min(fp32), max(fp32), max(fp32) - min(fp32)
+            bf16 = [r[1] for r in short_fits(kind, path, ctx, precision="bf16-mixed")]
+            diff = abs(statistics.mean(bf16) - statistics.mean(fp32))
+            r = rec[name]
+            r.add_value(diff, diff / spread if spread > 0 else math.inf)
+            r.notes += (f"; {path} path, AUROC in bf16-mixed {[round(v, 4) for v in bf16]} vs in fp32 "
+                        f"{[round(v, 4) for v in fp32]} (spread {spread:.4f}), |mean difference| {diff:.4f}")
+            outside = [(s, v) for s, v in zip(TRAIN_SEEDS, bf16) if not lo - spread <= v <= hi + spread]
+            if outside:
+                r.fail(f"{name}: bf16 AUROC outside the fp32 range [{lo:.4f}, {hi:.4f}] widened by its spread "
+                       f"{spread:.4f}: " + ", ".join(f"seed {s}: {v:.4f}" for s, v in outside))
+            if not diff <= spread:
+                r.fail(f"{name}: bf16 mean AUROC {statistics.mean(bf16):.4f} vs fp32 mean {statistics.mean(fp32):.4f} "
+                       f"(fp32 seed-to-seed spread {spread:.4f})")
+    except Exception as e:  # a crash is a failed check, with its traceback
+        import traceback
+
+        for r in rec.values():
+            r.error("".join(traceback.format_exception(type(e), e, e.__traceback__))[-3000:])
+    return list(rec.values())
