@@ -143,6 +143,21 @@ def test_headers_as_the_toolkit_handed_them(onnx_server):
     assert status == 400 and json.loads(err)["expected"] == "a UTF-8 JSON body"
 
 
+def test_unknown_routes_methods_and_big_bodies_are_one_line_json(onnx_server):
+    client, _ = onnx_server
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/invocations", 405), ("POST", "/ping", 405),
+                                 ("DELETE", "/invocations", 405)):
+        got, ctype, body = client.request(method, path)
+        assert (got, ctype) == (status, "application/json"), (method, path)
+        assert b"\n" not in body and "expected" in json.loads(body), (method, path)
+    assert client.request("HEAD", "/ping")[:2] == (200, "application/json")
+    big = b"[" + b"0," * (6 << 20) + b"0]"  # 12 MiB > the 10 MiB default
+    status, _, body = client.request("POST", "/invocations", big, {"Content-Type": "application/json"})
+    assert status == 413 and "larger than" in json.loads(body)["error"]
+    # the server still answers after it
+    assert client.request("GET", "/ping")[0] == 200
+
+
 def test_concurrent_requests_answer_as_sequential_ones(onnx_server):
     client, _ = onnx_server
     scored = [(q, r) for q, r in zip(requests(), responses()) if r["ok"]]

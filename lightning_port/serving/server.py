@@ -86,10 +86,13 @@ class Endpoint:
             logger.exception("internal error on /invocations")
             return error_body(500, f"internal error: {type(exc).__name__}: {_one_line(str(exc), 300)}")
 
+    def too_large(self, size: int) -> Reply:
+        return error_body(413, f"request body of {size} bytes is larger than {self.max_body}",
+                          expected=f"a body of at most {self.max_body} bytes")
+
     def _prepare(self, body: bytes, content_type: str | None, accept: str | None) -> Any:
         if len(body) > self.max_body:
-            return error_body(413, f"request body of {len(body)} bytes is larger than {self.max_body}",
-                              expected=f"a body of at most {self.max_body} bytes")
+            return self.too_large(len(body))
         if content_type != CONTENT_TYPE:  # the legacy input_fn's check, before anything else
             return error_body(415, f"{content_type} not supported by script!", expected=f"Content-Type: {CONTENT_TYPE}")
         try:
@@ -114,10 +117,14 @@ class Endpoint:
         return parsed
 
 
+ROUTES = {"/ping": ("GET", "HEAD"), "/invocations": ("POST",)}
+
+
 def create_app(endpoint: Endpoint) -> Any:
     """The FastAPI application over an :class:`Endpoint`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="tsa-serve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -126,9 +133,21 @@ def create_app(endpoint: Endpoint) -> Any:
         return Response(error_body(500, f"internal error: {type(exc).__name__}").body, status_code=500,
                         media_type="application/json")
 
-    app.add_exception_handler(Exception, internal_error)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        allowed = ROUTES.get(request.url.path)
+        if allowed is None:
+            reply = error_body(404, f"no route {request.url.path}", expected="GET /ping or POST /invocations")
+        elif exc.status_code == 405:
+            reply = error_body(405, f"{request.method} {request.url.path} not allowed",
+                               expected=f"{' or '.join(allowed)} {request.url.path}")
+        else:
+            reply = error_body(exc.status_code, str(exc.detail))
+        return Response(reply.body, status_code=reply.status, media_type="application/json")
 
-    @app.get("/ping")
+    app.add_exception_handler(Exception, internal_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+    @app.api_route("/ping", methods=list(ROUTES["/ping"]))
     async def ping() -> Response:
         return Response(b'{"status": "Healthy"}\n', media_type="application/json")
 
