@@ -203,6 +203,27 @@ def test_concurrent_invocations_are_batched_and_exact():
         ep.close()
 
 
+def test_a_lone_request_is_scored_inline_and_answers_the_same():
+    # no other request in flight and the batcher idle: scored in the event loop's thread (no hand-over); the answer
+    # is the batched path's; with the batcher busy, the request is queued as before
+    model = endpoint("onnx")
+    ep = server.Endpoint(model, max_batch=16, max_wait_ms=2)
+    try:
+        req = next(q for q, r in zip(requests(), responses()) if r["ok"] and r["prediction"] not in ("-1", "nan"))
+        body = req["body"].encode()
+        queued = asyncio.run(ep.invoke(body, "application/json", None))
+        assert ep.batcher.inline == 0 and sum(ep.batcher.batches.values()) == 1
+        inline = asyncio.run(ep.invoke(body, "application/json", None, alone=True))
+        assert ep.batcher.inline == 1 and sum(ep.batcher.batches.values()) == 1
+        assert inline == queued
+        with ep.batcher.arriving():  # another request being prepared: not alone any more
+            assert not ep.batcher.idle()
+            assert asyncio.run(ep.invoke(body, "application/json", None, alone=True)) == queued
+        assert ep.batcher.inline == 1 and sum(ep.batcher.batches.values()) == 2
+    finally:
+        ep.close()
+
+
 def test_internal_failures_are_one_line_500s():
     class Broken:
         name = "onnx"

@@ -52,8 +52,10 @@ class MicroBatcher:
         self._queue: collections.deque[tuple[ModelInputs, Future]] = collections.deque()
         self._cond = threading.Condition()
         self._arriving = 0
+        self._busy = False  # the worker is scoring a batch
         self._closed = False
         self.batches: collections.Counter[int] = collections.Counter()  # batch size -> calls (for tests, stats)
+        self.inline = 0  # requests scored by their caller (score_inline)
         self._thread = threading.Thread(target=self._run, name="tsa-serve-batcher", daemon=True)
         self._thread.start()
 
@@ -68,6 +70,18 @@ class MicroBatcher:
             with self._cond:
                 self._arriving -= 1
                 self._cond.notify_all()
+
+    def idle(self) -> bool:
+        """Nothing queued, nothing being scored or prepared: a lone request may be scored by its caller."""
+        with self._cond:
+            return not self._queue and not self._busy and self._arriving == 0 and not self._closed
+
+    def score_inline(self, inputs: ModelInputs) -> float:
+        """Score one request in the calling thread (no hand-over to the worker; the same single-row call the
+        worker would make for a batch of one), counted in :attr:`inline`."""
+        score = self.score_many([inputs])[0]
+        self.inline += 1
+        return score
 
     def submit(self, inputs: ModelInputs) -> Future:
         fut: Future = Future()
@@ -101,6 +115,7 @@ class MicroBatcher:
                     break
                 self._cond.wait(remaining)
             n = min(self.max_batch, len(self._queue))
+            self._busy = True
             return [self._queue.popleft() for _ in range(n)]
 
     def _run(self) -> None:
@@ -110,18 +125,31 @@ class MicroBatcher:
                 return
             self.batches[len(batch)] += 1
             try:
-                scores = self.score_many([x for x, _ in batch])
-            except Exception:  # noqa: BLE001 - isolate the failing request: score one by one
-                if len(batch) > 1:
-                    logger.warning("a batch of %d failed; scoring its requests one by one", len(batch))
-                for x, fut in batch:
-                    try:
-                        fut.set_result(self.score_many([x])[0])
-                    except Exception as exc:  # noqa: BLE001 - handed to the waiting request
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), s in zip(batch, scores):
-                fut.set_result(s)
+                outcomes = self._score([x for x, _ in batch])
+            finally:
+                with self._cond:  # idle again before the waiting requests resume
+                    self._busy = False
+            for (_, fut), (ok, value) in zip(batch, outcomes):
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def _score(self, rows: list[ModelInputs]) -> list[tuple[bool, Any]]:
+        """(True, score) or (False, exception) per row: a failing batch is scored again row by row, so one bad
+        request does not fail the others."""
+        try:
+            return [(True, s) for s in self.score_many(rows)]
+        except Exception:  # noqa: BLE001 - isolate the failing request: score one by one
+            if len(rows) > 1:
+                logger.warning("a batch of %d failed; scoring its requests one by one", len(rows))
+            out: list[tuple[bool, Any]] = []
+            for x in rows:
+                try:
+                    out.append((True, self.score_many([x])[0]))
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting request
+                    out.append((False, exc))
+            return out
 
 
 def probe_rows(n: int, seq_len: int, n_cat: int, n_num: int, n_dense: int, n_rows: int, seed: int = 0

@@ -63,12 +63,15 @@ class Endpoint:
         self.batcher = MicroBatcher(model.score_many, self.max_batch, max_wait_ms)
         self.max_wait_ms = max_wait_ms
         self.max_body = max_body
+        self.in_flight = 0  # HTTP requests received and not yet answered (counted by the event loop's thread)
 
     def close(self) -> None:
         self.batcher.close()
 
-    async def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
-        """One /invocations request -> (status, body)."""
+    async def invoke(self, body: bytes, content_type: str | None, accept: str | None, alone: bool = False) -> Reply:
+        """One /invocations request -> (status, body). ``alone``: no other request is in flight (the HTTP layer
+        knows): when the batcher is idle too, the request is scored here, in the event loop's thread, without the
+        hand-over to the batcher's thread (~0.6 ms measured) -- the same single-row model call."""
         try:
             with self.batcher.arriving():
                 prepared = self._prepare(body, content_type, accept)
@@ -76,6 +79,8 @@ class Endpoint:
                 return prepared
             if isinstance(prepared, SanityFailure):
                 prediction: int | float = SANITY_FAILURE
+            elif alone and self.batcher.idle():
+                prediction = self.model.finish(self.batcher.score_inline(prepared))
             else:
                 score = await asyncio.wrap_future(self.batcher.submit(prepared))
                 prediction = self.model.finish(score)
@@ -153,9 +158,13 @@ def create_app(endpoint: Endpoint) -> Any:
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
-        body = await request.body()
-        status, payload = await endpoint.invoke(body, request.headers.get("content-type"),
-                                                request.headers.get("accept"))
+        endpoint.in_flight += 1  # counted before the body is read: a request still arriving is in flight
+        try:
+            body = await request.body()
+            status, payload = await endpoint.invoke(body, request.headers.get("content-type"),
+                                                    request.headers.get("accept"), alone=endpoint.in_flight == 1)
+        finally:
+            endpoint.in_flight -= 1
         return Response(payload, status_code=status, media_type="application/json")
 
     return app
