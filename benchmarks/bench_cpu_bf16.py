@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,17 +198,11 @@ def render(res: dict) -> list[str]:
 
 
 # --- pytest-benchmark scenario (python -m benchmarks -k cpu_bf16) -------------------------------------------------
-@dataclass(frozen=True)
-class Scenario:
-    part: str = "cpu_bf16"
-
-    @property
-    def id(self) -> str:
-        return "cpu_bf16"
+Scenario = common.WholeRunScenario
 
 
 def scenarios(quick: bool, device) -> list[Scenario]:
-    return [Scenario()] if torch.device(device).type == "cpu" else []
+    return [Scenario("cpu_bf16", "cpu_bf16")] if torch.device(device).type == "cpu" else []
 
 
 def test_cpu_bf16(benchmark, scenario: Scenario, options):

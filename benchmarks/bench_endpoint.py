@@ -46,11 +46,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import common
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"listening on http://([^\s:/]+):(\d+)")
@@ -368,8 +369,6 @@ def run(quick: bool = False, include_port: bool = True, http: bool = True, **ove
             for s in servers.values():
                 s.stop()
     out["targets"] = targets(out)
-    from benchmarks import common
-
     out["machine"] = common.machine_info()
     return out
 
@@ -450,17 +449,11 @@ def render(res: dict) -> list[str]:
 
 
 # --- pytest-benchmark scenario (python -m benchmarks -k endpoint) ------------------------------------------------------
-@dataclass(frozen=True)
-class Scenario:
-    part: str = "endpoint"
-
-    @property
-    def id(self) -> str:
-        return "endpoint-fixture-b1"
+Scenario = common.WholeRunScenario
 
 
 def scenarios(quick: bool, device) -> list[Scenario]:
-    return [Scenario()]
+    return [Scenario("endpoint", "endpoint-fixture-b1")]
 
 
 def test_endpoint(benchmark, scenario: Scenario, options):

@@ -119,6 +119,15 @@ def port_variant(name: str) -> PortVariant:
     raise KeyError(f"no port variant {name!r}; known: {[v.name for v in PORT_VARIANTS]}")
 
 
+@dataclass(frozen=True)
+class WholeRunScenario:
+    """The scenario of a module whose one pytest-benchmark test records a whole side-by-side run
+    (``bench_endpoint``, ``bench_cpu_bf16``): its pytest id and the part of the summary it fills."""
+
+    part: str
+    id: str
+
+
 # --- models on the same weights ----------------------------------------------------------------
 def build_reference(kind: str, cfg: dict) -> torch.nn.Module:
     import reference

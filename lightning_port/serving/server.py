@@ -91,13 +91,10 @@ class Endpoint:
             logger.exception("internal error on /invocations")
             return error_body(500, f"internal error: {type(exc).__name__}: {_one_line(str(exc), 300)}")
 
-    def too_large(self, size: int) -> Reply:
-        return error_body(413, f"request body of {size} bytes is larger than {self.max_body}",
-                          expected=f"a body of at most {self.max_body} bytes")
-
     def _prepare(self, body: bytes, content_type: str | None, accept: str | None) -> Any:
         if len(body) > self.max_body:
-            return self.too_large(len(body))
+            return error_body(413, f"request body of {len(body)} bytes is larger than {self.max_body}",
+                              expected=f"a body of at most {self.max_body} bytes")
         if content_type != CONTENT_TYPE:  # the legacy input_fn's check, before anything else
             return error_body(415, f"{content_type} not supported by script!", expected=f"Content-Type: {CONTENT_TYPE}")
         try:

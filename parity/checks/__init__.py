@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import torch
-
 from ..cases import CASES, case
 from ..report import CheckRecord
 from .base import ParityFailure, RunContext, run_property
@@ -147,7 +145,7 @@ def _precision_groups() -> list[Group]:
         if amp.scaled:
             out.append(Group("precision", f"precision resume legacy AMP job {amp.name} ({amp.plugin})",
                              partial(check_precision_resume, amp)))
-        if amp.device == "cpu" and amp.dtype == torch.bfloat16:  # issue 21: bf16 training offered on the CPU
+        if amp.device == "cpu" and amp.short == "bf16":  # issue 21: bf16 training offered on the CPU
             for kind in ("single", "dual"):
                 out.append(Group("precision", f"precision {kind}:synth {amp.name} short fits (bf16-mixed vs fp32 AUROC)",
                                  partial(check_precision_fit, kind)))

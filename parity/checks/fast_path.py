@@ -292,8 +292,7 @@ SHORT_FIT_NOTE = (f"tsa-synth {TRAIN_ROWS} rows, {TRAIN_EPOCHS} epochs, batch {T
 def check_fast_path_training(kind: str, ctx: RunContext) -> list[CheckRecord]:
     """Validation loss and AUROC after a short fit: fast path vs the exact path's seed-to-seed spread."""
     model = f"{kind}:synth"
-    note = SHORT_FIT_NOTE
-    rec = {n: CheckRecord.new(n, "fast_path", model, SPREAD_TOL, notes=note)
+    rec = {n: CheckRecord.new(n, "fast_path", model, SPREAD_TOL, notes=SHORT_FIT_NOTE)
            for n in ("fast_path.training_loss", "fast_path.training_auroc")}
     try:
         runs = {path: short_fits(kind, path, ctx) for path in ("exact", "fast")}

@@ -553,7 +553,6 @@ def check_not_on_this_machine(amp: AmpVariant, ctx: RunContext) -> list[CheckRec
     return out
 
 
-
 # ------------------------------------------------------------------------------------------ short fits
 FIT_CHECKS = ("precision.fit_auroc", "precision.fit_auroc_fast_path")
 
